@@ -1,0 +1,111 @@
+"""Grouped-query causal self-attention with RoPE and an optional KV cache.
+
+RoPE follows the HF Llama `rotate_half` convention (the two halves of each head are the rotation pairs),
+so q/k weights convert to `LlamaForCausalLM` by a plain rename, with no permutation.
+Backends: flash-attn on CUDA for fp16/bf16 when installed, otherwise torch SDPA.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_lite.config import ModelConfig
+
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
+def use_flash_attn(x: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """flash-attn only runs on CUDA in half precision and cannot take an arbitrary mask."""
+    return _FLASH_ATTN_INSTALLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and attn_mask is None
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for the given positions: (B, T) -> two (B, 1, T, head_dim) tensors."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers for incremental decoding.
+
+    Buffers are (B, n_kv_heads, max_len, head_dim); `length` is the number of positions already filled.
+    The model advances `length` after every forward so all layers write at the same offset.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the new (B, n_kv, T, D) keys/values after the cached ones; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        h, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(h, h, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, kv_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, kv_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(h, h, bias=config.attention_bias)
+        self.o_proj.is_output_projection = True  # gets the depth-scaled init
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Head counts are read off the projections so a tensor-parallel shard (fewer local heads) works unchanged.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_head, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, S, D), S = past + T
+        dropout = self.dropout if self.training else 0.0
+
+        if use_flash_attn(x, attn_mask) and (kv_cache is None or kv_cache.length == 0):
+            from flash_attn import flash_attn_func  # (B, T, H, D) layout; GQA handled natively
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True)
+            y = y.reshape(B, T, -1)
+        else:
+            # Plain causal masking is only right when queries and keys start at the same position.
+            is_causal = attn_mask is None and k.shape[2] == T
+            if attn_mask is None and not is_causal:
+                attn_mask = causal_mask(T, k.shape[2], x.device)
+            gqa = q.shape[1] != k.shape[1]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                               is_causal=is_causal, enable_gqa=gqa)  # (B, n_head, T, D)
+            y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Boolean (q_len, kv_len) mask where query i (at absolute position kv_len - q_len + i) sees keys <= itself."""
+    offset = kv_len - q_len
+    q_pos = torch.arange(q_len, device=device)[:, None] + offset
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos

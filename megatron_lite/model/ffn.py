@@ -1,0 +1,40 @@
+"""Position-wise feed-forward blocks: SwiGLU (Llama/Mixtral) or the plain 4x SiLU MLP with biases."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_lite.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); names match Llama's `mlp.{gate,up,down}_proj` for a rename-only export."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+        self.down_proj.is_output_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SiLUMLP(nn.Module):
+    """fc2(silu(fc1(x))) with biases: the original mini-llm FFN (no stock HF class matches it)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size, bias=True)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=True)
+        self.fc2.is_output_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+def build_ffn(config: ModelConfig) -> nn.Module:
+    cls = SwiGLU if config.ffn_type == "swiglu" else SiLUMLP
+    return cls(config.hidden_size, config.ffn_hidden_size)

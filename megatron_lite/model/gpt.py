@@ -1,0 +1,157 @@
+"""The decoder: MiniLLM (dense) or MiniMoE (every FFN a sparse MoE), chosen by `config.num_experts`.
+
+Pre-norm blocks (RMSNorm in fp32) -> final norm -> output head tied to the input embedding.
+With ep = tp = 1 this is plain single-device PyTorch; expert parallelism only changes how many experts
+each rank holds (DeepSpeed-MoE does the all-to-all).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.model.attention import Attention, KVCache, rope_cos_sin
+from megatron_lite.model.ffn import build_ffn
+from megatron_lite.model.moe import MoEFeedForward
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16: the mean of squares loses too much precision in half.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, ep_size: int = 1):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MoEFeedForward(config, ep_size) if config.is_moe else build_ffn(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoEFeedForward):
+            h, aux, counts = self.mlp(h)
+        else:
+            h, aux, counts = self.mlp(h), None, None
+        return x + self.dropout(h), aux, counts
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    loss: torch.Tensor | None = None  # mean next-token CE over labels != -100 (LM loss only)
+    aux_loss: torch.Tensor | None = None  # MoE: sum over layers of the weighted balancing (+ z) losses
+    expert_counts: torch.Tensor | None = None  # MoE: (num_layers, num_experts) tokens routed per expert
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig, ep_size: int = 1, ep_rank: int = 0):
+        super().__init__()
+        self.config = config
+        self.ep_size, self.ep_rank = ep_size, ep_rank
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i, ep_size) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, std) everywhere, std / sqrt(2 * num_layers) on projections that write into the residual stream.
+
+        Experts are drawn from per-(layer, expert) generators so the weights of expert e do not depend on the
+        expert-parallel size: an ep=2 run starts from exactly the weights of an ep=1 run with the same seed.
+        """
+        cfg = self.config
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        expert_seed = int(torch.randint(0, 2**62, (1,)).item())
+
+        def init_module(m: nn.Module, generator=None):
+            for sub in m.modules():
+                if isinstance(sub, (nn.Linear, nn.Embedding)):
+                    std = out_std if getattr(sub, "is_output_projection", False) else cfg.init_std
+                    sub.weight.normal_(0.0, std, generator=generator)
+                    if getattr(sub, "bias", None) is not None:
+                        sub.bias.zero_()
+                elif isinstance(sub, RMSNorm):
+                    sub.weight.fill_(1.0)
+
+        init_module(self.embed_tokens)
+        for i, layer in enumerate(self.layers):
+            for name, child in layer.named_children():
+                if isinstance(child, MoEFeedForward):
+                    init_module(child.gate)
+                    if child.gate.w_noise is not None:
+                        child.gate.w_noise.weight.zero_()  # start with unit-ish noise: softplus(0) = 0.69
+                    n_local = len(child.local_experts)
+                    for j, expert in enumerate(child.local_experts):
+                        e = self.ep_rank * n_local + j  # global expert index
+                        g = torch.Generator().manual_seed(expert_seed + 1000 * i + e)
+                        init_module(expert, g)
+                else:
+                    init_module(child)
+        init_module(self.norm)
+        if self.lm_head is not None:
+            init_module(self.lm_head)
+
+    # ------------------------------------------------------------------ forward
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> GPTOutput:
+        """input_ids, labels: (B, T); labels are already aligned to positions (label t = token t+1), -100 ignored.
+
+        attention_mask: optional (B, S) with 1 for real tokens and 0 for padding over all S = past + T key
+        positions (left-padded batched generation). position_ids default to past + arange(T).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = None
+        if attention_mask is not None:
+            S = past + T
+            key_pos, query_pos = torch.arange(S, device=x.device)[None, :], torch.arange(T, device=x.device)[:, None] + past
+            mask = (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
+            # A padding query would see no key at all and give NaN, which then leaks through V into real
+            # tokens (0 * NaN); letting every query see itself keeps padded rows finite and changes nothing else.
+            mask = mask | (key_pos == query_pos)[None, None]
+        aux_total, counts = None, []
+        for layer in self.layers:
+            x, aux, cnt = layer(x, cos, sin, mask, kv_cache)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+                counts.append(cnt)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.norm(x)
+        logits = F.linear(x, self.output_weight()).float()  # (B, T, vocab), fp32 for a stable softmax
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return GPTOutput(logits, loss, aux_total, torch.stack(counts) if counts else None)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config.num_layers, batch_size, self.config.num_kv_heads, self.config.head_dim,
+                       max_len or self.config.max_seq_len, p.dtype, p.device)
