@@ -1,0 +1,216 @@
+"""Tokenizer training and loading, and the ChatML conversation encoding used by SFT and chat.
+
+Two tokenizer types, both trained with HF `tokenizers` and saved as a `PreTrainedTokenizerFast`
+(so `transformers.AutoTokenizer.from_pretrained(dir)` loads them with no remote code):
+
+- ``bpe`` (default): GPT-2 style byte-level BPE (NFKC, ByteLevel pre-tokenizer/decoder). Every string,
+  Chinese and emoji included, round-trips exactly because the alphabet is the 256 bytes.
+- ``sentencepiece``: Llama/SentencePiece style BPE (NFKC, ``▁`` metaspace, byte fallback ``<0xNN>``
+  pieces for characters never seen in training). Trained by `tokenizers` rather than the
+  `sentencepiece` library because transformers 5 no longer converts `.model` files on load.
+
+Special tokens: ``<unk>`` (id 0), ``<|im_start|>`` (1) and ``<|im_end|>`` (2). ``<|im_end|>`` is EOS,
+PAD and the end-of-document token that `preprocess_data.py --append-eod` appends.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+from megatron_lite.errors import UserError
+
+UNK, IM_START, IM_END = "<unk>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [UNK, IM_START, IM_END]
+
+# ChatML. The assistant content and its <|im_end|> sit inside {% generation %} so transformers'
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the tokens we train on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- generation -%}{{ message['content'] + '<|im_end|>' }}{%- endgeneration -%}"
+    "{{ '\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+# ShareGPT/Belle speaker names -> OpenAI roles.
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "bot": "assistant", "system": "system"}
+
+
+def _build_backend(kind: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.normalizer = normalizers.NFKC()
+        # add_prefix_space=False keeps encode(a) + encode(b) == encode(a + b) at whitespace boundaries.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "sentencepiece":
+        tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        raise UserError(f"unknown tokenizer type {kind!r}; use --type bpe or --type sentencepiece")
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str, kind: str = "bpe",
+                    min_frequency: int = 2, length: int | None = None):
+    """Train on an iterator of strings (streamed; never materialised) and save to `output_dir`.
+
+    Returns the saved tokenizer as a `PreTrainedTokenizerFast`.
+    """
+    from tokenizers import models, pre_tokenizers, trainers
+
+    n_reserved = len(SPECIAL_TOKENS) + (256 if kind == "sentencepiece" else 0)
+    if vocab_size < n_reserved + 256 and kind == "bpe" or vocab_size <= n_reserved:
+        raise UserError(f"--vocab-size {vocab_size} is too small for a {kind} tokenizer; use at least "
+                        f"{n_reserved + 256 if kind == 'bpe' else n_reserved + 1}")
+    tok = _build_backend(kind)
+    if kind == "bpe":
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer, length=length)
+    else:
+        # Leave room for the 256 byte-fallback pieces, which are appended after training.
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, min_frequency=min_frequency,
+                                      special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      limit_alphabet=1000)
+        tok.train_from_iterator(texts, trainer=trainer, length=length)
+        vocab = tok.get_vocab()
+        merges = _bpe_merges(tok)
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        tok.model = models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True)
+    return _save(tok, output_dir)
+
+
+def _bpe_merges(tok) -> list[tuple[str, str]]:
+    """Read the merge list back out of a trained BPE model (the Python API has no getter)."""
+    import json
+
+    model = json.loads(tok.to_str())["model"]
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+
+def _save(backend, output_dir: str):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token=IM_END,
+                                 pad_token=IM_END, additional_special_tokens=[IM_START],
+                                 chat_template=CHAT_TEMPLATE, model_max_length=1 << 30,
+                                 clean_up_tokenization_spaces=False)
+    os.makedirs(output_dir, exist_ok=True)
+    hf.save_pretrained(output_dir)
+    return hf
+
+
+def load_tokenizer(path: str):
+    """Load a tokenizer directory written by `train_tokenizer` (or any HF fast tokenizer directory)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise UserError(f"tokenizer directory {path!r} not found; create one with "
+                        f"tools/train_tokenizer.py --output-dir {path}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer from {path!r} ({str(e).splitlines()[0]}); "
+                        f"re-create it with tools/train_tokenizer.py") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"tokenizer in {path!r} is not a fast (tokenizers) tokenizer; "
+                        f"re-create it with tools/train_tokenizer.py")
+    return tok
+
+
+def iter_jsonl_texts(path: str, keys: list[str]) -> Iterator[str]:
+    """Stream the string values of `keys` from a JSONL (or .jsonl.gz) file, skipping bad lines."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                for k in keys:
+                    if isinstance(obj.get(k), str) and obj[k]:
+                        yield obj[k]
+
+
+# ---------------------------------------------------------------- chat encoding
+
+def normalize_messages(conversation) -> list[dict]:
+    """Accept OpenAI (`role`/`content`) or ShareGPT/Belle (`from`/`value`) turns; return OpenAI form.
+
+    Raises ValueError (not UserError: callers decide whether a bad conversation is fatal).
+    """
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("conversation must be a non-empty list of turns")
+    out = []
+    for turn in conversation:
+        if not isinstance(turn, dict):
+            raise ValueError("each turn must be an object")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in _ROLE_ALIASES:
+            raise ValueError(f"unknown role {role!r}")
+        if not isinstance(content, str):
+            raise ValueError("turn content must be a string")
+        out.append({"role": _ROLE_ALIASES[role], "content": content})
+    return out
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False):
+    """ChatML text plus the character spans that are trained on (assistant content + <|im_end|>).
+
+    Mirrors CHAT_TEMPLATE exactly (tests check both render the same string).
+    """
+    parts, spans, pos = [], [], 0
+    for m in messages:
+        head = f"{IM_START}{m['role']}\n"
+        if m["role"] == "assistant":
+            body = m["content"] + IM_END
+            spans.append((pos + len(head), pos + len(head) + len(body)))
+            piece = head + body + "\n"
+        else:
+            piece = head + m["content"] + IM_END + "\n"
+        parts.append(piece)
+        pos += len(piece)
+    if add_generation_prompt:
+        parts.append(f"{IM_START}assistant\n")
+    return "".join(parts), spans
+
+
+def encode_chat(tokenizer, messages, add_generation_prompt: bool = False):
+    """Token ids of a conversation and a same-length 0/1 loss mask.
+
+    The mask is 1 exactly on assistant content tokens and their <|im_end|> — the tokens the model must
+    learn to produce. It is derived from character offsets of one tokenisation of the whole rendered
+    text, so it is right for any tokenizer, whatever it does at segment boundaries.
+    """
+    messages = normalize_messages(messages)
+    text, spans = render_chat(messages, add_generation_prompt)
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # HF wrapper or bare `tokenizers`
+    enc = backend.encode(text, add_special_tokens=False)
+    ids = list(enc.ids)
+    mask = [0] * len(ids)
+    si = 0
+    for t, (start, _end) in enumerate(enc.offsets):
+        while si < len(spans) and start >= spans[si][1]:
+            si += 1
+        if si < len(spans) and spans[si][0] <= start < spans[si][1]:
+            mask[t] = 1
+    return ids, mask
