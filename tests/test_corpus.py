@@ -1,0 +1,77 @@
+"""Embedded corpus: formats, held-out split by file/question, correct arithmetic, real docstrings."""
+import inspect
+import json
+import json as json_module
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lite.data.corpus import write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    counts = write_corpus(str(d), pretrain_mb=0.5, sft_arith=300, seed=0)
+    rows = {k: [json.loads(line) for line in open(d / f"{k}.jsonl", encoding="utf-8")]
+            for k in ("pretrain_train", "pretrain_valid", "sft_train", "sft_valid")}
+    return d, counts, rows
+
+
+def test_pretraining_text(corpus):
+    d, counts, rows = corpus
+    train, valid = rows["pretrain_train"], rows["pretrain_valid"]
+    assert train and valid and all(set(r) == {"text"} and r["text"].strip() for r in train + valid)
+    size = sum(len(r["text"].encode()) for r in train + valid)
+    assert 0.5e6 <= size < 0.5e6 + 400_000  # stops at the budget (+ at most one file)
+    assert not {r["text"] for r in train} & {r["text"] for r in valid}
+    texts = "\n".join(r["text"] for r in train + valid)
+    assert "def " in texts  # stdlib source
+    from pydoc_data.topics import topics
+    assert topics["assert"].strip() in {r["text"] for r in train + valid}
+
+
+def _qa(rows):
+    return [(c[-2]["content"], c[-1]["content"]) for c in (r["conversations"] for r in rows)]
+
+
+def test_arithmetic_answers_are_exact(corpus):
+    _, _, rows = corpus
+    n = 0
+    for row in rows["sft_train"] + rows["sft_valid"]:
+        conv = row["conversations"]
+        assert conv[-1]["role"] == "assistant"
+        for q, a in zip(conv, conv[1:]):
+            m = re.search(r"(\d+) ([+*-]) (\d+)", q["content"])
+            if q["role"] == "user" and m and not q["content"].startswith("What does"):
+                x, op, y = int(m[1]), m[2], int(m[3])
+                assert a["content"] == str({"+": x + y, "-": x - y, "*": x * y}[op])
+                n += 1
+    assert n >= 300
+
+
+def test_stdlib_qa_uses_real_docstrings(corpus):
+    _, _, rows = corpus
+    qa = dict(_qa(rows["sft_train"] + rows["sft_valid"]))
+    q = "What does the function `json.dumps` do?"
+    assert qa[q] == inspect.getdoc(json_module.dumps).split("\n\n")[0].replace("\n", " ").strip()
+    assert sum(k.startswith("What does") for k in qa) > 200
+    train_q = {q for q, _ in _qa(rows["sft_train"])}
+    assert not train_q & {q for q, _ in _qa(rows["sft_valid"])}
+    assert any(k.startswith("What does") for k, _ in _qa(rows["sft_valid"]))
+
+
+def test_deterministic_and_cli(corpus, tmp_path):
+    d, _, _ = corpus
+    r = subprocess.run([sys.executable, "-m", "megatron_lite.data.corpus", "--output-dir", str(tmp_path),
+                        "--pretrain-mb", "0.5", "--sft-arith", "300"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for k in ("pretrain_train", "sft_train", "sft_valid"):
+        assert (tmp_path / f"{k}.jsonl").read_bytes() == (d / f"{k}.jsonl").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "megatron_lite.data.corpus", "--help"], capture_output=True, text=True)
+    assert "--output-dir" in r.stdout and "--pretrain-mb" in r.stdout and "sft_train.jsonl" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "megatron_lite.data.corpus", "--output-dir", str(tmp_path),
+                        "--pretrain-mb", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,88 @@
+"""SFT dataset: labels only on assistant tokens, padding/truncation, prefix forms, determinism."""
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_lite.data.sft_dataset import IGNORE_INDEX, build_sft_datasets
+from megatron_lite.data.tokenizer import encode_chat, load_tokenizer, train_tokenizer
+from megatron_lite.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVS = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": str(2 * i)}]
+         for i in range(30)]
+CONVS[0] = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Japan?"},
+            {"role": "assistant", "content": "Tokyo."}]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    train_tokenizer(iter([json.dumps(c) for c in CONVS] * 5), 400, str(d / "tok"))
+    (d / "chat.jsonl").write_text("\n".join(json.dumps({"conversations": c}) for c in CONVS) + "\n")
+    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools/preprocess_data.py"))
+    pp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pp)
+    pp.main(["--input", str(d / "chat.jsonl"), "--output-prefix", str(d / "s"), "--tokenizer", str(d / "tok"),
+             "--chat"])
+    return d, load_tokenizer(str(d / "tok"))
+
+
+def test_labels_only_on_assistant_tokens(data):
+    d, tok = data
+    train, valid, test = build_sft_datasets([str(d / "s_text_document")], "1,0,0", 64, 1, (30, 0, 0))
+    assert valid is None and test is None
+    seen = set()
+    for i in range(30):
+        item = train[i]
+        c = train.conversation_index(i)
+        seen.add(c)
+        ids, mask = encode_chat(tok, CONVS[c])
+        n = len(ids)
+        assert item["input_ids"][:n].tolist() == ids
+        assert (item["input_ids"][n:] == tok.pad_token_id).all()  # right padding with the pad id
+        want = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(n - 1)] + [IGNORE_INDEX] * (64 - n + 1)
+        assert item["labels"].tolist() == want
+    assert seen == set(range(30))  # one epoch = every conversation once
+    # The trained-on text of the two-turn conversation is exactly the two answers.
+    j = next(i for i in range(30) if train.conversation_index(i) == 0)
+    lab = train[j]["labels"]
+    assert tok.decode(lab[lab != IGNORE_INDEX]) == "Paris.<|im_end|>Tokyo.<|im_end|>"
+
+
+def test_truncation_and_prefix_forms(data):
+    d, tok = data
+    a = build_sft_datasets([str(d / "s")], "1,0,0", 8, 3, (40, 0, 0))[0]
+    b = build_sft_datasets([str(d / "s_text_document")], "1,0,0", 8, 3, (40, 0, 0))[0]
+    for i in range(40):  # past one epoch: the second epoch is a new permutation
+        x, y = a[i], b[i]
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+        ids, _ = encode_chat(tok, CONVS[a.conversation_index(i)])
+        assert x["input_ids"].tolist() == ids[:8]
+    assert sorted(a.conversation_index(i) for i in range(30, 40)) != list(range(30, 40))
+
+
+def test_split_and_seed(data):
+    d, _ = data
+    tr, va, te = build_sft_datasets([str(d / "s")], "80,10,10", 32, 1, (24, 3, 3))
+    assert {tr.conversation_index(i) for i in range(24)} == set(range(24))
+    assert {va.conversation_index(i) for i in range(3)} == {24, 25, 26}
+    other = build_sft_datasets([str(d / "s")], "80,10,10", 32, 2, (24, 0, 0))[0]
+    assert [tr.conversation_index(i) for i in range(24)] != [other.conversation_index(i) for i in range(24)]
+
+
+def test_misaligned_mask_is_user_error(data, tmp_path):
+    d, _ = data
+    from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder
+    import shutil
+    for ext in (".bin", ".idx"):
+        shutil.copy(str(d / "s_text_document") + ext, str(tmp_path / "x_text_document") + ext)
+    with IndexedDatasetBuilder(str(tmp_path / "x_loss_mask_document"), np.uint8) as b:
+        b.add_document([1, 0])
+    with pytest.raises(UserError, match="not aligned"):
+        build_sft_datasets([str(tmp_path / "x")], "1,0,0", 8, 1, (1, 0, 0))
