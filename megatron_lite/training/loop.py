@@ -1,0 +1,175 @@
+"""The training loop, top to bottom: batches -> forward -> backward -> step -> log / eval / save.
+
+Data order. Iteration `it` consumes the global batch of samples [c, c + global_batch) where c is the number
+of samples consumed before it. Micro-step m of data-parallel rank r reads
+    c + (m * dp + r) * micro_batch  ...  + micro_batch
+so the global batch is the same set of samples for any split into dp x grad_accum, and resuming only needs
+c (samples are a pure function of their index). Tensor-parallel ranks of one dp rank read the same data.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.training import engine as eng
+
+
+@dataclass
+class TrainSettings:
+    train_iters: int
+    micro_batch_size: int
+    grad_accum: int
+    dp_size: int
+    dp_rank: int
+    seq_length: int
+    seed: int
+    log_interval: int = 1
+    eval_interval: int = 0
+    eval_iters: int = 0
+    save_interval: int = 0
+    save_dir: str | None = None
+    peak_flops: float | None = None  # per rank, for MFU
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+
+def micro_batch(dataset, s: TrainSettings, first_sample: int, micro_step: int, dev: torch.device):
+    start = first_sample + (micro_step * s.dp_size + s.dp_rank) * s.micro_batch_size
+    items = [dataset[i] for i in range(start, start + s.micro_batch_size)]
+    input_ids = torch.stack([x["input_ids"] for x in items]).to(dev, non_blocking=True)
+    labels = torch.stack([x["labels"] for x in items]).to(dev, non_blocking=True)
+    return input_ids, labels
+
+
+def flops_per_token(config: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token: 6 x active weights touched by matmuls + causal-free attention scores
+    (PaLM appendix B, as Megatron/nanoGPT count it)."""
+    n = config.num_params(active_only=True)
+    if not config.tie_embeddings:
+        n -= config.vocab_size * config.hidden_size  # the input embedding is a lookup, not a matmul
+    return 6 * n + 12 * config.num_layers * config.hidden_size * seq_length
+
+
+def _dp_mean(t: torch.Tensor, group) -> torch.Tensor:
+    """Mean over the data-parallel group; None means dp == 1 (not the world: tp ranks hold the same value)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return t
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
+    """Mean LM loss and perplexity over the first eval_iters global batches of `dataset` (the same
+    samples every time, so successive evals are comparable)."""
+    engine.eval()
+    dev = engine.device
+    total = torch.zeros((), device=dev)
+    n = 0
+    per_rank_steps = s.eval_iters * s.grad_accum
+    for m in range(per_rank_steps):
+        if (m * s.dp_size + s.dp_rank + 1) * s.micro_batch_size > len(dataset):
+            break
+        input_ids, labels = micro_batch(dataset, s, 0, m, dev)
+        total += engine(input_ids, labels).loss.float()
+        n += 1
+    engine.train()
+    loss = _dp_mean(total / max(n, 1), group).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, monitor, dp_group,
+          start_iter: int = 0, consumed_samples: int = 0, client_extra: dict | None = None) -> dict:
+    """Run iterations start_iter+1 .. train_iters. Returns the last logged metrics."""
+    dev = engine.device
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tokens_per_iter = s.global_batch * s.seq_length
+    fpt = flops_per_token(config, s.seq_length)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+
+    # Running sums since the last log step stay on the device: no host sync until we print.
+    loss_sum = torch.zeros((), device=dev)
+    aux_sum = torch.zeros((), device=dev)
+    counts_sum = None
+    iters_since_log = 0
+    last = {}
+    t_log = time.perf_counter()
+    t_start, iters_timed = t_log, 0
+
+    def save(iteration: int):
+        state = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": eng.rng_state(),
+                 "model_config": config.to_dict(), "global_batch_size": s.global_batch, "seed": s.seed,
+                 **(client_extra or {})}
+        tag = eng.save_checkpoint(engine, s.save_dir, iteration, state)
+        monitor.print(f"saved checkpoint {s.save_dir}/{tag}")
+
+    it = start_iter
+    while it < s.train_iters:
+        eng.seed_step(s.seed, rank, it)
+        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances inside step())
+        for m in range(s.grad_accum):
+            input_ids, labels = micro_batch(train_ds, s, consumed_samples, m, dev)
+            out = engine(input_ids, labels)
+            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += out.loss.detach().float()
+            if out.aux_loss is not None:
+                aux_sum += out.aux_loss.detach().float()
+                c = out.expert_counts.detach().float()
+                counts_sum = c if counts_sum is None else counts_sum + c
+        it += 1
+        consumed_samples += s.global_batch
+        iters_since_log += 1
+        monitor.advance()
+
+        metrics = None
+        if it % s.log_interval == 0 or it == s.train_iters:
+            n = iters_since_log * s.grad_accum
+            loss_v = _dp_mean(loss_sum / n, dp_group).item()
+            now = time.perf_counter()
+            tok_s = tokens_per_iter * iters_since_log / (now - t_log)
+            iters_timed += iters_since_log
+            metrics = {"step": it, "loss": loss_v, "lr": lr,
+                       "grad_norm": _to_float(engine.get_global_grad_norm()),
+                       "tokens_per_s": tok_s, "consumed_samples": consumed_samples}
+            if s.peak_flops:
+                metrics["mfu"] = tok_s * fpt / (s.peak_flops * world)
+            if config.is_moe:
+                metrics["aux_loss"] = _dp_mean(aux_sum / n, dp_group).item()
+                counts = _dp_mean(counts_sum, dp_group)  # (layers, experts) tokens routed
+                metrics["expert_load"] = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).tolist()
+                aux_sum.zero_()
+                counts_sum = None
+            loss_sum.zero_()
+            iters_since_log = 0
+            eta = (now - t_start) / iters_timed * (s.train_iters - it)
+            t_log = time.perf_counter()
+        if s.eval_interval and valid_ds is not None and s.eval_iters and \
+                (it % s.eval_interval == 0 or it == s.train_iters):
+            t0 = time.perf_counter()
+            eval_loss, ppl = evaluate(engine, valid_ds, s, dp_group)
+            metrics = metrics or {"step": it}
+            metrics.update(eval_loss=eval_loss, eval_ppl=ppl)
+            t_log += time.perf_counter() - t0  # eval time is not training throughput
+        if metrics is not None:
+            monitor.log(metrics, eta_s=eta if "loss" in metrics else None)
+            last = metrics
+        if s.save_dir and (s.save_interval and it % s.save_interval == 0 or it == s.train_iters):
+            t0 = time.perf_counter()
+            save(it)
+            t_log += time.perf_counter() - t0
+    return last
+
+
+def _to_float(x):
+    if x is None:
+        return None
+    return float(x.item()) if torch.is_tensor(x) else float(x)

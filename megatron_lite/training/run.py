@@ -1,0 +1,229 @@
+"""Command line of launch/pretrain.py and launch/sft.py: flags, validation and wiring of the pieces.
+
+Both scripts run unchanged as `python launch/X.py ...` (one process) and under
+`deepspeed --num_gpus N launch/X.py ...` (N ranks: GPUs, or gloo processes on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from megatron_lite.config import PRESETS, ModelConfig, get_preset, pad_vocab_size
+from megatron_lite.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+# Dense bf16 peak per device, for MFU; other GPUs: pass --peak-tflops.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                   "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+CPU_PEAK_GFLOPS_PER_THREAD = 80.0  # fp32 GEMM peak of one core of the reference machine (DESIGN §4)
+
+
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    sft = kind == "sft"
+    p = argparse.ArgumentParser(
+        prog=f"launch/{kind}.py",
+        description=("Supervised fine-tuning (loss on assistant tokens only) from a pretrained checkpoint."
+                     if sft else "Pretrain a GPT (dense or MoE) with DeepSpeed ZeRO.")
+        + " Runs as `python launch/%s.py ...` or `deepspeed --num_gpus N launch/%s.py ...`." % (kind, kind),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None if sft else "tiny", choices=sorted(PRESETS),
+                   help="model preset" + (" (SFT takes the model from --pretrained; if given it must match)" if sft else ""))
+    g.add_argument("--num-experts", type=int, default=None, help="override the preset's expert count (0 = dense)")
+    g.add_argument("--topk", type=int, default=None, help="experts per token (MoE)")
+    for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-heads", "num-kv-heads"):
+        g.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory; vocab_size is padded from its length"
+                   + (" (default: PRETRAINED/tokenizer)" if sft else " (required unless --load)"))
+    if sft:
+        g.add_argument("--pretrained", required=True,
+                       help="pretraining checkpoint folder to start from (weights only; optimizer and step restart)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", required=True,
+                   help="dataset prefix, or a Megatron blend 'W1 P1 W2 P2 ...'"
+                   + (" (SFT data from preprocess_data.py --chat)" if sft else ""))
+    g.add_argument("--split", default="969,30,1", help="train,valid,test document proportions")
+    g.add_argument("--seq-length", type=int, default=256, help="tokens per sample (<= the model's max_seq_len)")
+
+    g = p.add_argument_group("batch and schedule (flags override the ds_config)")
+    g.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"), metavar="PATH",
+                   help="DeepSpeed JSON config (a path; see ds_configs/README.md)")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="samples per rank per micro step")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step over all ranks; grad accumulation = this / (micro x dp)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro steps per optimizer step")
+    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps to train (total, counting resumed ones)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (ds_config optimizer.params.lr)")
+    g.add_argument("--min-lr", type=float, default=None, help="floor of the cosine decay (default: 0.1 x lr)")
+    g.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (not on norms, biases, embeddings)")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--seed", type=int, default=1234, help="seed for init, data order, dropout and router noise")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE; divides the data-parallel size)")
+
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--save", default=None, help="checkpoint folder (also gets metrics.jsonl, configs, tokenizer)")
+    g.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
+    g.add_argument("--load", default=None, help="resume exactly from this checkpoint folder's 'latest'")
+    g.add_argument("--log-interval", type=int, default=1, help="steps between log lines (loss averaged over them)")
+    g.add_argument("--eval-interval", type=int, default=0, help="evaluate on the valid split every N steps (0: never)")
+    g.add_argument("--eval-iters", type=int, default=2, help="global batches per evaluation")
+    g.add_argument("--wandb-project", default=None,
+                   help="log to wandb (offline into SAVE/wandb when no API key is set; `wandb sync` uploads later)")
+    g.add_argument("--wandb-name", default=None, help="wandb run name")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s of one rank for MFU (default: known GPUs' bf16 peak; CPU: 0.08 x threads)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _check_args(a) -> None:
+    positive = {"--train-iters": a.train_iters, "--seq-length": a.seq_length, "--log-interval": a.log_interval,
+                "--tp": a.tp, "--ep": a.ep}
+    for flag, v in positive.items():
+        if v is None or v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    for flag, v in {"--micro-batch-size": a.micro_batch_size, "--global-batch-size": a.global_batch_size,
+                    "--grad-accum": a.grad_accum}.items():
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    if a.save_interval < 0 or a.eval_interval < 0 or a.eval_iters < 0:
+        raise UserError("--save-interval, --eval-interval and --eval-iters must be >= 0")
+    if a.lr is not None and a.lr < 0 or a.min_lr is not None and a.min_lr < 0:
+        raise UserError("--lr and --min-lr must be >= 0")
+    if a.load and not os.path.isdir(a.load):
+        raise UserError(f"--load {a.load}: checkpoint folder does not exist")
+
+
+def _peak_flops(a) -> float | None:
+    if a.peak_tflops:
+        return a.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for k, v in GPU_PEAK_TFLOPS.items():
+            if k in name:
+                return v * 1e12
+        return None
+    return CPU_PEAK_GFLOPS_PER_THREAD * 1e9 * torch.get_num_threads()
+
+
+def model_config(a, tokenizer) -> ModelConfig:
+    overrides = {k: v for k, v in dict(num_experts=a.num_experts, topk=a.topk, num_layers=a.num_layers,
+                                       hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+                                       num_heads=a.num_heads, num_kv_heads=a.num_kv_heads).items() if v is not None}
+    return get_preset(a.model, vocab_size=pad_vocab_size(len(tokenizer)), **overrides)
+
+
+def main(kind: str, argv=None) -> dict:
+    """kind: 'pretrain' or 'sft'. Returns the last logged metrics (rank 0) for tests and scripts."""
+    import deepspeed  # noqa: F401  (import before logging tweaks so its logger exists)
+    from deepspeed.utils import logger as ds_logger
+
+    from megatron_lite.data.tokenizer import load_tokenizer
+    from megatron_lite.parallel import ParallelDims
+    from megatron_lite.training import engine as eng
+    from megatron_lite.training.loop import TrainSettings, train
+    from megatron_lite.training.monitor import Monitor
+
+    a = build_parser(kind).parse_args(argv)
+    _check_args(a)
+    ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines cost time and bury ours
+
+    rank, world = eng.init_distributed()
+    is_rank0 = rank == 0
+    num_experts = a.num_experts if a.num_experts is not None else None
+
+    # Model config first: it decides whether MoE checks apply and is cheap to validate before any work.
+    if kind == "sft":
+        eng.check_checkpoint_dir(a.pretrained)
+        config = ModelConfig.load(a.pretrained)
+        tok_dir = a.tokenizer or os.path.join(a.pretrained, "tokenizer")
+        tokenizer = load_tokenizer(tok_dir)
+        if pad_vocab_size(len(tokenizer)) > config.vocab_size:
+            raise UserError(f"tokenizer {tok_dir} has {len(tokenizer)} tokens, more than the pretrained "
+                            f"model's vocab_size {config.vocab_size}")
+        if a.model and get_preset(a.model, vocab_size=config.vocab_size).replace(name=config.name) != config:
+            raise UserError(f"--model {a.model} differs from the model in --pretrained {a.pretrained}; drop --model")
+    else:
+        if not a.tokenizer:
+            if not a.load:
+                raise UserError("--tokenizer DIR is required (or --load a checkpoint, which holds one)")
+            a.tokenizer = os.path.join(a.load, "tokenizer")
+        tok_dir = a.tokenizer
+        tokenizer = load_tokenizer(tok_dir)
+        config = model_config(a, tokenizer)
+    num_experts = config.num_experts if config.is_moe else None
+    if a.ep > 1 and not config.is_moe:
+        raise UserError(f"--ep {a.ep} needs an MoE model (--num-experts > 0 or --model tiny-moe)")
+    if a.seq_length > config.max_seq_len:
+        raise UserError(f"--seq-length {a.seq_length} exceeds the model's max_seq_len {config.max_seq_len}")
+    if a.load:
+        eng.check_checkpoint_dir(a.load)
+        eng.check_same_model(a.load, config)
+
+    dims = ParallelDims.from_world(world, tp=a.tp, ep=a.ep, num_experts=num_experts).build()
+    ds_config = eng.resolve_ds_config(
+        eng.load_ds_config(a.deepspeed), dims.dp, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
+        global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters)
+    s = TrainSettings(train_iters=a.train_iters, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
+                      grad_accum=ds_config["gradient_accumulation_steps"], dp_size=dims.dp, dp_rank=dims.dp_rank,
+                      seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
+                      eval_interval=a.eval_interval, eval_iters=a.eval_iters, save_interval=a.save_interval,
+                      save_dir=a.save, peak_flops=_peak_flops(a))
+    if is_rank0:
+        print(f"{kind}: {config.name} model, {config.num_params() / 1e6:.2f}M params "
+              f"({config.num_params(active_only=True) / 1e6:.2f}M active), {dims}, world {world}, "
+              f"global batch {s.global_batch} = micro {s.micro_batch_size} x accum {s.grad_accum} x dp {dims.dp}")
+        print("effective ds_config: " + json.dumps(ds_config, sort_keys=True))
+
+    # Data: enough samples for every step and every evaluation.
+    n_eval = a.eval_iters * s.global_batch if a.eval_interval else 0
+    if kind == "sft":
+        from megatron_lite.data.sft_dataset import build_sft_datasets as build
+    else:
+        from megatron_lite.data.gpt_dataset import build_gpt_datasets as build
+    train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed,
+                                  (a.train_iters * s.global_batch, n_eval, 0))
+    if train_ds is None:
+        raise UserError(f"--data-path {' '.join(a.data_path)} with --split {a.split} leaves no training data")
+
+    model = eng.build_model(config, dims, a.seed)
+    engine = eng.build_engine(model, ds_config, dims)
+
+    start_iter, consumed = 0, 0
+    if a.load:
+        client = eng.load_checkpoint(engine, a.load, config)
+        start_iter, consumed = int(client["iteration"]), int(client["consumed_samples"])
+        eng.set_rng_state(client["rng"])
+        if is_rank0:
+            print(f"resumed from {a.load} at step {start_iter} ({consumed} samples consumed)")
+    elif kind == "sft":
+        eng.load_checkpoint(engine, a.pretrained, config, module_only=True)
+        if is_rank0:
+            print(f"initialised from pretrained {a.pretrained}")
+
+    run_args = {k: v for k, v in vars(a).items() if k != "local_rank"}
+    if a.save:
+        eng.write_run_files(a.save, config, tok_dir, ds_config, {"kind": kind, **run_args})
+    run_config = {"kind": kind, "model": config.to_dict(), "parallel": {"tp": dims.tp, "ep": dims.ep, "dp": dims.dp,
+                  "world": world}, "ds_config": ds_config, "args": run_args}
+    wandb_cfg = eng.wandb_settings(ds_config)
+    monitor = Monitor(is_rank0, os.path.join(a.save, "metrics.jsonl") if a.save else None, a.train_iters, start_iter,
+                      wandb_project=a.wandb_project or wandb_cfg.get("project"), wandb_dir=a.save,
+                      run_config=run_config, wandb_name=a.wandb_name)
+    try:
+        last = train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, start_iter, consumed)
+    finally:
+        monitor.close()
+    return last

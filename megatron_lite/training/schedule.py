@@ -1,0 +1,45 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (Megatron's default).
+
+The rate is a pure function of the optimizer-step count, so resuming only needs the step count: the
+`LambdaLR` that wraps it is saved in DeepSpeed's checkpoint (`last_epoch`) and restored by `load_checkpoint`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_at(step: int, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
+    """Rate for optimizer step `step` (0-based: the first update uses step 0).
+
+    Warmup ramps from max_lr/warmup_iters at step 0 (never 0: a zero first step wastes a batch) to max_lr at
+    step warmup_iters-1; cosine then falls from max_lr to min_lr at decay_iters and stays there.
+    """
+    if warmup_iters > 0 and step < warmup_iters:
+        return max_lr * (step + 1) / warmup_iters
+    if step >= decay_iters or decay_iters <= warmup_iters:
+        return min_lr
+    progress = (step - warmup_iters) / (decay_iters - warmup_iters)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Multiplier for `torch.optim.lr_scheduler.LambdaLR` (base lr of each group = max_lr).
+
+    An object rather than a closure so LambdaLR's state_dict records its settings alongside `last_epoch`.
+    """
+
+    def __init__(self, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int):
+        self.max_lr, self.min_lr = max_lr, min_lr
+        self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
+
+    def __call__(self, step: int) -> float:
+        if self.max_lr == 0:
+            return 0.0
+        return lr_at(step, self.max_lr, self.min_lr, self.warmup_iters, self.decay_iters) / self.max_lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, min_lr: float, warmup_iters: int,
+                    decay_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(max_lr, min_lr, warmup_iters, decay_iters))
