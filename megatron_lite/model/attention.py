@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.tensor_parallel import column_linear, group_size, row_linear
 
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
@@ -62,7 +63,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp_group=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
@@ -70,10 +71,17 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         h, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(h, h, bias=config.attention_bias)
-        self.k_proj = nn.Linear(h, kv_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(h, kv_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(h, h, bias=config.attention_bias)
+        # Tensor parallel: each rank owns a contiguous block of q heads and the kv heads that block uses
+        # (column-parallel q/k/v), and o sums the ranks' partial outputs (row-parallel). With tp_group None
+        # these are the plain nn.Linear layers.
+        tp = group_size(tp_group)
+        if config.num_kv_heads % tp:
+            raise ValueError(f"num_kv_heads {config.num_kv_heads} is not divisible by tp {tp}")
+        bias = config.attention_bias
+        self.q_proj = column_linear(h, h, bias, tp_group)
+        self.k_proj = column_linear(h, kv_dim, bias, tp_group)
+        self.v_proj = column_linear(h, kv_dim, bias, tp_group)
+        self.o_proj = row_linear(h, h, bias, tp_group)
         self.o_proj.is_output_projection = True  # gets the depth-scaled init
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

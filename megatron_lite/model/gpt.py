@@ -2,7 +2,9 @@
 
 Pre-norm blocks (RMSNorm in fp32) -> final norm -> output head tied to the input embedding.
 With ep = tp = 1 this is plain single-device PyTorch; expert parallelism only changes how many experts
-each rank holds (DeepSpeed-MoE does the all-to-all).
+each rank holds (DeepSpeed-MoE does the all-to-all). Tensor parallelism (`tp_group`) swaps in Megatron's
+layers: attention heads and the dense FFN hidden dim are split across the group, the embedding and the tied
+head are split over the vocabulary and the loss is the vocab-parallel cross entropy.
 """
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.errors import UserError
 from megatron_lite.model.attention import Attention, KVCache, rope_cos_sin
 from megatron_lite.model.ffn import build_ffn
 from megatron_lite.model.moe import MoEFeedForward
+from megatron_lite.tensor_parallel import (TENSOR_PARALLEL_LAYERS, column_linear, gather_from_tensor_parallel_region,
+                                           group_size, parallel_lm_logits, vocab_embedding,
+                                           vocab_parallel_cross_entropy)
 
 
 class RMSNorm(nn.Module):
@@ -33,12 +39,12 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ep_size: int = 1):
+    def __init__(self, config: ModelConfig, layer_idx: int, ep_size: int = 1, tp_group=None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, layer_idx, tp_group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MoEFeedForward(config, ep_size) if config.is_moe else build_ffn(config)
+        self.mlp = MoEFeedForward(config, ep_size) if config.is_moe else build_ffn(config, tp_group)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
@@ -53,21 +59,28 @@ class Block(nn.Module):
 
 @dataclass
 class GPTOutput:
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor  # (B, T, vocab); (B, T, vocab/tp) this rank's slice if forward(gather_logits=False)
     loss: torch.Tensor | None = None  # mean next-token CE over labels != -100 (LM loss only)
     aux_loss: torch.Tensor | None = None  # MoE: sum over layers of the weighted balancing (+ z) losses
     expert_counts: torch.Tensor | None = None  # MoE: (num_layers, num_experts) tokens routed per expert
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig, ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, config: ModelConfig, ep_size: int = 1, ep_rank: int = 0, tp_group=None):
+        """tp_group: the tensor-parallel process group (`ParallelDims.tp_group`); None for a single rank."""
         super().__init__()
         self.config = config
         self.ep_size, self.ep_rank = ep_size, ep_rank
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i, ep_size) for i in range(config.num_layers))
+        self.tp_group, self.tp_size = tp_group, group_size(tp_group)
+        if config.is_moe and self.tp_size > 1:
+            # experts would be replicated over tp while DeepSpeed-MoE splits their tokens across it; the
+            # expert-gradient reduction for that layout is not verified yet
+            raise UserError("tensor parallelism (--tp > 1) is supported for dense models only; use --ep for MoE")
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, tp_group)
+        self.layers = nn.ModuleList(Block(config, i, ep_size, tp_group) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (None if config.tie_embeddings
+                        else column_linear(config.hidden_size, config.vocab_size, False, tp_group))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -84,7 +97,12 @@ class GPT(nn.Module):
 
         def init_module(m: nn.Module, generator=None):
             for sub in m.modules():
-                if isinstance(sub, (nn.Linear, nn.Embedding)):
+                if isinstance(sub, TENSOR_PARALLEL_LAYERS):
+                    # draws the full weight from the same RNG stream and keeps this rank's shard, so the
+                    # model is the tp=1 model whatever the tp size (biases zero, as below)
+                    std = out_std if getattr(sub, "is_output_projection", False) else cfg.init_std
+                    sub.reset_parameters(lambda w, std=std: w.normal_(0.0, std, generator=generator))
+                elif isinstance(sub, (nn.Linear, nn.Embedding)):
                     std = out_std if getattr(sub, "is_output_projection", False) else cfg.init_std
                     sub.weight.normal_(0.0, std, generator=generator)
                     if getattr(sub, "bias", None) is not None:
@@ -116,8 +134,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> GPTOutput:
+                kv_cache: KVCache | None = None, gather_logits: bool = True) -> GPTOutput:
         """input_ids, labels: (B, T); labels are already aligned to positions (label t = token t+1), -100 ignored.
+
+        With tensor parallelism the loss never needs the full logits; gather_logits=False skips gathering
+        them (training), and `logits` is then this rank's vocabulary slice.
 
         attention_mask: optional (B, S) with 1 for real tokens and 0 for padding over all S = past + T key
         positions (left-padded batched generation). position_ids default to past + arange(T).
@@ -145,6 +166,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm(x)
+        if self.tp_size > 1:
+            logits = parallel_lm_logits(x, self.output_weight(), self.tp_group).float()  # (B, T, vocab/tp)
+            loss = None if labels is None else vocab_parallel_cross_entropy(logits, labels, self.tp_group)
+            if gather_logits:
+                logits = gather_from_tensor_parallel_region(logits, self.tp_group)  # (B, T, vocab)
+            return GPTOutput(logits, loss, aux_total, torch.stack(counts) if counts else None)
         logits = F.linear(x, self.output_weight()).float()  # (B, T, vocab), fp32 for a stable softmax
         loss = None
         if labels is not None:
@@ -153,5 +180,6 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.embed_tokens.weight
-        return KVCache(self.config.num_layers, batch_size, self.config.num_kv_heads, self.config.head_dim,
+        local_kv_heads = self.config.num_kv_heads // self.tp_size  # tp: this rank's kv heads only
+        return KVCache(self.config.num_layers, batch_size, local_kv_heads, self.config.head_dim,
                        max_len or self.config.max_seq_len, p.dtype, p.device)

@@ -191,3 +191,40 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, group) -> tor
     embedding rows `weight` (vocab/tp, dim). Never materialises the full logits; feed them to
     vocab_parallel_cross_entropy (training) or gather_from_tensor_parallel_region (sampling)."""
     return F.linear(copy_to_tensor_parallel_region(hidden, group), weight)
+
+
+# ---------------------------------------------------------------- factories the model builds its layers with
+# With no group they return the exact torch.nn layer the single-device model always had (same class, same
+# construction, same RNG draws); the parameters only gain a `tp_spec` attribute, which does not touch the
+# state dict, so `tp_shard_specs(model)` can describe the checkpoint of a tp=1 model too.
+
+def column_linear(in_features: int, out_features: int, bias: bool, group=None) -> nn.Module:
+    """nn.Linear, or a ColumnParallelLinear that leaves its output split (..., out/tp)."""
+    if group_size(group) > 1:
+        return ColumnParallelLinear(in_features, out_features, bias, gather_output=False, group=group)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    layer.weight.tp_spec = ShardSpec(0)
+    if bias:
+        layer.bias.tp_spec = ShardSpec(0)
+    return layer
+
+
+def row_linear(in_features: int, out_features: int, bias: bool, group=None) -> nn.Module:
+    """nn.Linear, or a RowParallelLinear taking the split output of a column layer (..., in/tp)."""
+    if group_size(group) > 1:
+        return RowParallelLinear(in_features, out_features, bias, input_is_parallel=True, group=group)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    layer.weight.tp_spec = ShardSpec(1)
+    return layer
+
+
+def vocab_embedding(num_embeddings: int, embedding_dim: int, group=None) -> nn.Module:
+    """nn.Embedding, or a VocabParallelEmbedding."""
+    if group_size(group) > 1:
+        return VocabParallelEmbedding(num_embeddings, embedding_dim, group=group)
+    layer = nn.Embedding(num_embeddings, embedding_dim)
+    layer.weight.tp_spec = ShardSpec(0)
+    return layer
+
+
+TENSOR_PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)

@@ -67,9 +67,11 @@ def tp_shard_specs(model: nn.Module) -> Dict[str, ShardSpec]:
 
     The keys and specs are the same whatever tp the model was built with, so a tp=1 model can describe
     how to shard its own checkpoint. Tied parameters appear under every name they have in the state dict.
+    DeepSpeed-MoE expert parameters (`allreduce = False`) are split by expert parallelism, never by tp,
+    even though the expert FFN is built by the same layer factories.
     """
     return {name: p.tp_spec for name, p in model.named_parameters(remove_duplicate=False)
-            if getattr(p, "tp_spec", None) is not None}
+            if getattr(p, "tp_spec", None) is not None and getattr(p, "allreduce", True)}
 
 
 def shard_state_dict(full: Dict[str, torch.Tensor], specs: Dict[str, ShardSpec],
