@@ -64,6 +64,8 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=1,
                    help="tokenizer processes (1 = in-process, using the tokenizer's own threads)")
     p.add_argument("--batch-size", type=int, default=1000, help="lines per encode batch / work item")
+    p.add_argument("--batch-mb", type=float, default=1.0,
+                   help="also end a batch after this many MB of input (bounds memory with long documents)")
     p.add_argument("--strict", action="store_true",
                    help="stop with an error at the first bad line (default: skip and count bad lines)")
     p.add_argument("--log-interval", type=int, default=1000,
@@ -80,19 +82,24 @@ def get_args(argv=None):
 
 # ---------------------------------------------------------------- input
 
-def _read_batches(path: str, batch_size: int):
-    """Yield lists of (line number, raw bytes | record dict). Streams; never loads the whole file."""
+def _read_batches(path: str, batch_size: int, batch_bytes: int = 1 << 20):
+    """Yield lists of (line number, raw bytes | record dict). Streams; never loads the whole file.
+
+    A batch ends at `batch_size` lines or `batch_bytes` bytes, whichever comes first: the encoded
+    form of a batch is ~50x its text size in Python objects, so bytes, not lines, bound memory.
+    """
     if not os.path.exists(path):
         raise UserError(f"--input {path!r} does not exist")
     if os.path.isfile(path) and path.endswith(_JSONL_SUFFIXES):
         opener = gzip.open if path.endswith(".gz") else open
-        batch = []
+        batch, size = [], 0
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 batch.append((lineno, raw))
-                if len(batch) == batch_size:
+                size += len(raw)
+                if len(batch) == batch_size or size >= batch_bytes:
                     yield batch
-                    batch = []
+                    batch, size = [], 0
         if batch:
             yield batch
         return
@@ -267,7 +274,7 @@ def _pack(docs, dtype):
 def _results(args, dtype, eod):
     init = (os.path.join(args.tokenizer, "tokenizer.json"), args.json_keys, args.append_eod, args.chat,
             dtype, eod)
-    batches = _read_batches(args.input, args.batch_size)
+    batches = _read_batches(args.input, args.batch_size, int(args.batch_mb * (1 << 20)))
     if args.workers == 1:
         _init_worker(*init, True)
         yield from map(_process, batches)
@@ -302,13 +309,13 @@ def preprocess(args) -> dict:
     from tqdm import tqdm
 
     from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
-    from megatron_lite.data.tokenizer import load_tokenizer
+    from megatron_lite.data.tokenizer import load_backend
 
-    tok = load_tokenizer(args.tokenizer)
-    vocab = len(tok)
+    _, info = load_backend(args.tokenizer)
+    vocab = info["vocab_size"]
     dtype = best_dtype(vocab)
     meta = {"tokenizer": os.path.abspath(args.tokenizer), "vocab_size": vocab,
-            "eod_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "append_eod": args.append_eod,
+            "eod_id": info["eos_id"], "pad_id": info["pad_id"], "append_eod": args.append_eod,
             "input": os.path.abspath(args.input)}
     keys = ["text", "loss_mask"] if args.chat else args.json_keys
     builders = {k: IndexedDatasetBuilder(f"{args.output_prefix}_{k}_document",
@@ -321,7 +328,7 @@ def preprocess(args) -> dict:
     bar = tqdm(total=_input_size(args.input), unit="B", unit_scale=True, desc="preprocess",
                mininterval=1.0, file=sys.stderr, disable=None)
     try:
-        for packed, bad, nblank, nbytes, nitems in _results(args, dtype, tok.eos_token_id):
+        for packed, bad, nblank, nbytes, nitems in _results(args, dtype, info["eos_id"]):
             n_lines += nitems
             blank += nblank
             for lineno, kind in bad:

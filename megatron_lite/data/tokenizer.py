@@ -132,6 +132,39 @@ def load_tokenizer(path: str):
     return tok
 
 
+def load_backend(path: str):
+    """(bare `tokenizers.Tokenizer`, {"vocab_size", "eos_id", "pad_id"}) without importing transformers.
+
+    For tools that only encode (preprocessing): transformers' import alone costs seconds.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tj):
+        raise UserError(f"{tj!r} not found; pass a directory made by tools/train_tokenizer.py "
+                        f"(or any HF fast tokenizer directory)")
+    backend = Tokenizer.from_file(tj)
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        cfg = {}
+
+    def token_id(name, default):
+        tok = cfg.get(name, default)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        return backend.token_to_id(tok) if tok else None
+
+    eos = token_id("eos_token", IM_END)
+    if eos is None:
+        raise UserError(f"tokenizer in {path!r} has no end-of-document token ({IM_END} or eos_token)")
+    pad = token_id("pad_token", None)
+    return backend, {"vocab_size": backend.get_vocab_size(with_added_tokens=True), "eos_id": eos,
+                     "pad_id": eos if pad is None else pad}
+
+
 def iter_jsonl_texts(path: str, keys: list[str]) -> Iterator[str]:
     """Stream the string values of `keys` from a JSONL (or .jsonl.gz) file, skipping bad lines."""
     import gzip
