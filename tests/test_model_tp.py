@@ -90,8 +90,15 @@ def same_forward_backward(dims, cfg):
 
 @per_config
 def same_training_steps(dims, cfg):
+    # the trainer's own AdamW param groups: the sharded embedding must skip weight decay like nn.Embedding
+    from megatron_lite.training.engine import param_groups
+
     par, ref = pair(cfg, dims.tp_group)
-    opts = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (par, ref)]
+    groups = [param_groups(m, weight_decay=0.1) for m in (par, ref)]
+    names = [{g["name"]: sorted(n for n, p in m.named_parameters() if any(p is q for q in g["params"]))
+              for g in gs} for m, gs in zip((par, ref), groups)]
+    assert names[0] == names[1], f"tp=2 param groups differ from tp=1: {names}"
+    opts = [torch.optim.AdamW(gs, lr=3e-3) for gs in groups]
     losses = []
     for step in range(3):
         ids, labels = batch(cfg, seed=step)

@@ -145,17 +145,21 @@ class RowParallelLinear(_ParallelLinear):
         return y if self.bias is None else y + self.bias
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(nn.Embedding):
     """Embedding with the vocabulary split into contiguous ranges across the tp group.
 
     ids (...) full on every rank -> (..., dim) full on every rank. `weight` is (vocab/tp, dim); a tied
     output head multiplies by it to get vocab-parallel logits (..., vocab/tp) for vocab_parallel_cross_entropy.
+    It is an nn.Embedding (num_embeddings is the full vocabulary) so code that treats embeddings specially —
+    no weight decay, for one — treats the sharded one the same way.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group=None,
                  init_method: Optional[InitMethod] = None, dtype: Optional[torch.dtype] = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Embedding.__init__: it would allocate and draw the full table
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0  # nn.Embedding's defaults
+        self.scale_grad_by_freq, self.sparse = False, False
         self.group, self.tp_size, self.tp_rank = group, group_size(group), group_rank(group)
         _divisible(num_embeddings, self.tp_size, "vocab size (pad it to a multiple of tp)")
         self.per_rank = num_embeddings // self.tp_size
