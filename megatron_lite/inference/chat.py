@@ -14,7 +14,7 @@ from megatron_lite.inference.generate import Completion, SamplingParams, StreamE
 ROLES = ("system", "user", "assistant")
 
 
-def _render(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     if getattr(tokenizer, "chat_template", None) is None:
         from megatron_lite.data.tokenizer import CHAT_TEMPLATE
         tokenizer.chat_template = CHAT_TEMPLATE  # HF folders without a template: fall back to our ChatML
@@ -41,7 +41,7 @@ def build_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> lis
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     while True:
-        ids = _render(tokenizer, system + turns)
+        ids = chat_prompt_ids(tokenizer, system + turns)
         if len(ids) <= max_prompt_tokens or len(turns) <= 1:
             break
         turns = turns[1:]

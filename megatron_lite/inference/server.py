@@ -1,0 +1,267 @@
+"""OpenAI-compatible HTTP API over one loaded model (FastAPI + uvicorn).
+
+    POST /v1/chat/completions   messages, max_tokens, temperature, top_p, stop, seed, stream (SSE)
+    POST /v1/completions        prompt, same sampling fields, stream
+    GET  /v1/models             the one model served
+
+Extensions accepted in the body: top_k, repetition_penalty. Errors use OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}, with 400 for bad requests, 413 for oversized bodies.
+
+One generation runs at a time (an asyncio lock): requests queue instead of competing for the same
+cores, and each keeps its own KV cache and RNG so concurrent clients never see each other's tokens.
+Streaming steps run in a worker thread, so the event loop keeps accepting connections meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from megatron_lite.errors import UserError
+from megatron_lite.inference.chat import chat_prompt_ids
+from megatron_lite.inference.generate import SamplingParams, generate, stream
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 1024  # largest max_tokens a request may ask for (also capped by the context window)
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # default: the model's max_seq_len - 1
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
+
+
+def error_body(e: ApiError) -> dict:
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+
+
+# ---------------------------------------------------------------- request validation
+
+def _number(body, key, default, lo, hi, integer=False, lo_open=False):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise ApiError(f"'{key}' must be {'an integer' if integer else 'a number'}", key)
+    if v < lo or (lo_open and v == lo) or v > hi:
+        raise ApiError(f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", key)
+    return v
+
+
+def sampling_from_body(body: dict, limits: Limits) -> SamplingParams:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _number({key: max_tokens}, key, limits.default_max_tokens, 1, limits.max_tokens, integer=True)
+    if _number(body, "n", 1, 1, 1, integer=True) != 1:
+        raise ApiError("only n = 1 is supported", "n")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError("'stop' must be a string or a list of at most 4 strings", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError("'seed' must be an integer", "seed")
+    for ignored in ("presence_penalty", "frequency_penalty"):
+        _number(body, ignored, 0.0, -2.0, 2.0)
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError("'stream' must be a boolean", "stream")
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
+        top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
+        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)),
+        stop=tuple(stop), seed=seed)
+
+
+def messages_from_body(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError("'messages' is required", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty array", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise ApiError(f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(f"messages[{i}].content parts must be text", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(f"messages[{i}].content must be a string", f"messages[{i}].content")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+# ---------------------------------------------------------------- app
+
+def create_app(model, tokenizer, model_name: str = "megatron-lite", limits: Limits | None = None):
+    limits = limits or Limits()
+    max_prompt = limits.max_prompt_tokens or model.config.max_seq_len - 1
+    app = FastAPI(title="megatron_lite", docs_url=None, redoc_url=None)
+    lock = asyncio.Lock()
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req, e: ApiError):
+        return JSONResponse(error_body(e), status_code=e.status)
+
+    @app.exception_handler(UserError)
+    async def _user_error(_req, e: UserError):
+        return JSONResponse(error_body(ApiError(str(e))), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req, e):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(ApiError(str(e.detail), status=e.status_code, kind=kind)),
+                            status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req, e):
+        return JSONResponse(error_body(ApiError(str(e.errors()[:1]))), status_code=400)
+
+    async def read_json(request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                raise ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError("request body must be a JSON object")
+        return body
+
+    def check_prompt(ids: list[int], param: str):
+        if not ids:
+            raise ApiError("prompt is empty", param)
+        if len(ids) > max_prompt:
+            raise ApiError(f"prompt is {len(ids)} tokens; this model takes at most {max_prompt}", param,
+                           code="context_length_exceeded")
+
+    async def run_all(ids, params):
+        async with lock:
+            return (await asyncio.to_thread(generate, model, tokenizer, [ids], params))[0]
+
+    async def run_stream(ids, params):
+        """Async iterator of StreamEvents, generated step by step in a worker thread under the lock."""
+        end = object()
+        async with lock:
+            it = stream(model, tokenizer, ids, params)
+            while (event := await asyncio.to_thread(next, it, end)) is not end:
+                yield event
+
+    def usage(c):
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "megatron_lite"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        messages = messages_from_body(body)
+        params = sampling_from_body(body, limits)
+        try:
+            ids = chat_prompt_ids(tokenizer, messages)
+        except Exception as e:  # a template that rejects this conversation (e.g. role order)
+            raise ApiError(f"cannot apply the chat template: {e}", "messages") from None
+        check_prompt(ids, "messages")
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        name = body.get("model") or model_name
+        if not body.get("stream"):
+            c = await run_all(ids, params)
+            return {"id": rid, "object": "chat.completion", "created": now, "model": name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                 "finish_reason": c.finish_reason, "logprobs": None}],
+                    "usage": usage(c)}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events():
+            head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
+            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]})
+            async for ev in run_stream(ids, params):
+                if ev.text:
+                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None}]})
+                if ev.finish_reason:
+                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]})
+                    if include_usage:
+                        yield sse({**head, "choices": [], "usage": usage(ev.completion)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError("'prompt' is required and must be a string", "prompt")
+        params = sampling_from_body({"max_tokens": 16, **body}, limits)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        check_prompt(ids, "prompt")
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        name = body.get("model") or model_name
+        head = {"id": rid, "object": "text_completion", "created": now, "model": name}
+        if not body.get("stream"):
+            c = await run_all(ids, params)
+            return {**head, "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+                                         "logprobs": None}], "usage": usage(c)}
+
+        async def events():
+            async for ev in run_stream(ids, params):
+                if ev.text or ev.finish_reason:
+                    yield sse({**head, "choices": [{"index": 0, "text": ev.text, "logprobs": None,
+                                                    "finish_reason": ev.finish_reason}]})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_name: str = "megatron-lite",
+          limits: Limits | None = None, log_level: str = "info"):
+    import uvicorn
+
+    if limits is None:
+        limits = Limits(max_tokens=model.config.max_seq_len)
+    uvicorn.run(create_app(model, tokenizer, model_name, limits), host=host, port=port, log_level=log_level)
+
+
+__all__ = ["create_app", "serve", "Limits", "ApiError"]
