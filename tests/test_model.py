@@ -6,7 +6,7 @@ import torch
 
 from megatron_lite.config import PRESETS, ModelConfig, get_preset
 from megatron_lite.errors import UserError
-from megatron_lite.model.attention import apply_rope, rope_cos_sin
+from megatron_lite.model.attention import apply_rope, flash_attn_eligible, rope_cos_sin
 from megatron_lite.model.gpt import GPT
 
 TINY = dict(vocab_size=97, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
@@ -165,3 +165,12 @@ def test_presets_are_valid_configs():
     for name in PRESETS:
         cfg = get_preset(name)
         assert cfg.name == name and cfg.head_dim * cfg.num_heads == cfg.hidden_size
+
+
+def test_flash_attn_selected_only_on_cuda_half_precision_without_mask():
+    assert flash_attn_eligible(True, torch.bfloat16, False, installed=True)
+    assert flash_attn_eligible(True, torch.float16, False, installed=True)
+    assert not flash_attn_eligible(True, torch.float32, False, installed=True)  # fp32 -> SDPA
+    assert not flash_attn_eligible(False, torch.bfloat16, False, installed=True)  # CPU -> SDPA
+    assert not flash_attn_eligible(True, torch.bfloat16, True, installed=True)  # padding mask -> SDPA
+    assert not flash_attn_eligible(True, torch.bfloat16, False, installed=False)  # not installed -> SDPA

@@ -18,9 +18,13 @@ from megatron_lite.tensor_parallel import column_linear, group_size, row_linear
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
+def flash_attn_eligible(is_cuda: bool, dtype: torch.dtype, has_mask: bool, installed: bool = _FLASH_ATTN_INSTALLED) -> bool:
+    """flash-attn only runs on CUDA in half precision and cannot take an arbitrary mask; else SDPA."""
+    return installed and is_cuda and dtype in (torch.float16, torch.bfloat16) and not has_mask
+
+
 def use_flash_attn(x: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
-    """flash-attn only runs on CUDA in half precision and cannot take an arbitrary mask."""
-    return _FLASH_ATTN_INSTALLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and attn_mask is None
+    return flash_attn_eligible(x.is_cuda, x.dtype, attn_mask is not None)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
