@@ -1,0 +1,232 @@
+"""The main job: the whole pipeline on the embedded default corpus, end to end, no download, no GPU needed.
+
+    corpus -> tokenizer -> preprocess (pretrain + SFT) -> pretrain (deepspeed, 2 ranks, ZeRO-2) -> SFT
+    -> evaluate (held-out loss, bits per byte, SFT exact match on held-out arithmetic) -> convert to HF
+    -> sample chats from the exported model with stock transformers -> summary table + loss-curve PNG
+
+Every step runs the same documented command a user would type (printed as it runs), so any step can be
+repeated by hand on other data. `bash launch/quickstart.sh` installs the package and runs this file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_QUESTIONS = ["What is 12 + 30?", "What does `json.dumps` do?", "Compute 7 * 8."]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", default="runs/quickstart", help="where every artifact goes (default: runs/quickstart)")
+    p.add_argument("--moe", action="store_true", help="train MiniMoE (tiny-moe, 4 experts, top-2, expert parallel 2)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (deepspeed --num_gpus; CPU: gloo ranks)")
+    p.add_argument("--corpus-mb", type=float, default=8.0, help="MB of stdlib text for pretraining (default: 8)")
+    p.add_argument("--vocab-size", type=int, default=6400, help="tokenizer vocabulary (default: 6400)")
+    p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="samples per rank per step (default: 8)")
+    p.add_argument("--pretrain-iters", type=int, default=200, help="pretraining optimizer steps (default: 200)")
+    p.add_argument("--sft-iters", type=int, default=120, help="SFT optimizer steps (default: 120)")
+    p.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate (default: 2e-3)")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT peak learning rate (default: 1e-3)")
+    p.add_argument("--eval-questions", type=int, default=100, help="held-out arithmetic questions scored (default: 100)")
+    p.add_argument("--seed", type=int, default=1234, help="training seed (default: 1234)")
+    return p.parse_args(argv)
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work_dir).resolve()
+        self.timings: list[tuple[str, float]] = []
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+        # One OpenMP thread per rank when the ranks share the machine's cores.
+        self.train_env = {**self.env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
+
+    def run(self, name: str, cmd: list[str], env=None, capture=False) -> str:
+        print(f"\n=== {name}\n$ {' '.join(str(c) for c in cmd)}", flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env or self.env, text=True,
+                              stdout=subprocess.PIPE if capture else None)
+        self.timings.append((name, time.perf_counter() - t))
+        if proc.returncode != 0:
+            sys.exit(f"main_job: step '{name}' failed with exit code {proc.returncode}; its command is printed above")
+        if capture:
+            print(proc.stdout, end="")
+        return proc.stdout or ""
+
+    def deepspeed(self, script: str, extra: list[str]) -> list[str]:
+        launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+        return [launcher, "--num_gpus", str(self.args.nproc), script, "--deepspeed", "ds_configs/zero2.json", *extra]
+
+    def model_flags(self) -> list[str]:
+        if self.args.moe:
+            return ["--model", "tiny-moe", "--num-experts", "4", "--topk", "2", "--ep", "2"]
+        return ["--model", "tiny"]
+
+    # ------------------------------------------------------------------ the steps
+    def main(self) -> None:
+        a, w, py = self.args, self.work, sys.executable
+        w.mkdir(parents=True, exist_ok=True)
+        for stale in ("ckpt_pretrain", "ckpt_sft", "hf"):  # a rerun starts training from scratch
+            shutil.rmtree(w / stale, ignore_errors=True)
+        self.run("build the embedded corpus", [py, "-m", "megatron_lite.data.corpus", "--output-dir", w / "corpus",
+                                               "--pretrain-mb", a.corpus_mb])
+        self.run("train the tokenizer", [py, "tools/train_tokenizer.py", "--input", w / "corpus/pretrain_train.jsonl",
+                                         "--vocab-size", a.vocab_size, "--output-dir", w / "tokenizer"])
+        for split in ("train", "valid"):
+            self.run(f"preprocess pretraining text ({split})",
+                     [py, "tools/preprocess_data.py", "--input", w / f"corpus/pretrain_{split}.jsonl",
+                      "--output-prefix", w / f"data/pretrain_{split}", "--tokenizer", w / "tokenizer",
+                      "--json-keys", "text", "--append-eod", "--workers", "2"])
+        self.run("preprocess SFT conversations", [py, "tools/preprocess_data.py", "--chat",
+                                                  "--input", w / "corpus/sft_train.jsonl", "--output-prefix", w / "data/sft",
+                                                  "--tokenizer", w / "tokenizer", "--workers", "2"])
+        common = ["--tokenizer", w / "tokenizer", "--seq-length", a.seq_length, "--micro-batch-size", a.micro_batch_size,
+                  "--seed", a.seed, "--log-interval", 5, "--eval-iters", 4]
+        self.run("pretrain", self.deepspeed("launch/pretrain.py", [
+            *self.model_flags(), *common, "--data-path", w / "data/pretrain_train_text_document", "--split", "969,30,1",
+            "--train-iters", a.pretrain_iters, "--lr", a.lr, "--warmup-iters", max(1, a.pretrain_iters // 20),
+            "--eval-interval", max(1, a.pretrain_iters // 5), "--save", w / "ckpt_pretrain",
+            "--save-interval", a.pretrain_iters]), env=self.train_env)
+        self.run("SFT", self.deepspeed("launch/sft.py", [
+            *common, "--pretrained", w / "ckpt_pretrain", "--data-path", w / "data/sft_text_document",
+            "--split", "95,5,0", "--train-iters", a.sft_iters, "--lr", a.sft_lr,
+            "--warmup-iters", max(1, a.sft_iters // 20), "--eval-interval", max(1, a.sft_iters // 4),
+            "--save", w / "ckpt_sft", "--save-interval", a.sft_iters, *(["--ep", "2"] if a.moe else [])]),
+            env=self.train_env)
+        heldout = self.run("held-out evaluation (files never seen in training)", [
+            py, "launch/eval.py", "--load", w / "ckpt_pretrain", "--data-path", w / "data/pretrain_valid_text_document",
+            "--split", "0,0,1", "--eval-split", "test", "--seq-length", a.seq_length, "--json"], capture=True)
+        self.heldout = json.loads(heldout.strip().splitlines()[-1])
+        self.heldout["bits_per_byte"] = self.bits_per_byte(self.heldout["loss"])
+        self.exact_match = self.score_arithmetic()
+        self.run("convert to HuggingFace", [py, "tools/convert_to_hf.py", "--load", w / "ckpt_sft", "--output", w / "hf"])
+        self.samples = self.sample_chats_with_transformers()
+        self.plot_losses()
+        self.summary()
+
+    # ------------------------------------------------------------------ evaluation helpers
+    def bits_per_byte(self, loss_nats: float) -> float:
+        """Tokenizer-independent: nats/token * tokens/byte / ln 2, with tokens/byte measured on the held-out text."""
+        from megatron_lite.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(self.work / "tokenizer")
+        n_tokens = n_bytes = 0
+        with open(self.work / "corpus/pretrain_valid.jsonl", encoding="utf-8") as f:
+            for line in f:
+                text = json.loads(line)["text"]
+                n_tokens += len(tok(text)["input_ids"]) + 1  # + the EOD the dataset appends
+                n_bytes += len(text.encode("utf-8"))
+        return loss_nats * n_tokens / n_bytes / math.log(2)
+
+    def score_arithmetic(self) -> dict:
+        """Exact match of greedy answers to held-out single-turn arithmetic questions."""
+        from megatron_lite.checkpoint_io import load_model
+        from megatron_lite.inference.chat import chat
+
+        t = time.perf_counter()
+        print("\n=== SFT exact match on held-out arithmetic", flush=True)
+        model, tok = load_model(self.work / "ckpt_sft")
+        items = []
+        with open(self.work / "corpus/sft_valid.jsonl", encoding="utf-8") as f:
+            for line in f:
+                conv = json.loads(line)["conversations"]
+                i = next(i for i, m in enumerate(conv) if m["role"] == "assistant")
+                if re.fullmatch(r"-?\d+", conv[i]["content"]):
+                    items.append((conv[:i], conv[i]["content"]))
+        items = items[: self.args.eval_questions]
+        correct = 0
+        for start in range(0, len(items), 16):
+            batch = items[start:start + 16]
+            outs = chat([m for m, _ in batch], tok, model, greedy=True, max_new_tokens=8)
+            correct += sum(o.text.strip() == ans for o, (_, ans) in zip(outs, batch))
+        self.timings.append(("SFT exact match", time.perf_counter() - t))
+        print(f"exact match: {correct}/{len(items)}")
+        return {"correct": correct, "total": len(items)}
+
+    def sample_chats_with_transformers(self) -> list[tuple[str, str]]:
+        """Chat with the exported folder through stock transformers only (no megatron_lite code)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t = time.perf_counter()
+        print("\n=== sample chats (stock transformers on the exported HF folder)", flush=True)
+        tok = AutoTokenizer.from_pretrained(self.work / "hf")
+        model = AutoModelForCausalLM.from_pretrained(self.work / "hf").eval()
+        out = []
+        for q in SAMPLE_QUESTIONS:
+            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                gen = model.generate(**ids, max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+            answer = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            out.append((q, answer))
+            print(f"user: {q}\nassistant: {answer}\n")
+        self.timings.append(("sample chats", time.perf_counter() - t))
+        return out
+
+    # ------------------------------------------------------------------ report
+    def metrics(self, ckpt: str) -> list[dict]:
+        with open(self.work / ckpt / "metrics.jsonl", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def plot_losses(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, ckpt, title in zip(axes, ("ckpt_pretrain", "ckpt_sft"), ("pretraining", "SFT")):
+            rows = self.metrics(ckpt)
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+            ev = [r for r in rows if "eval_loss" in r]
+            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="valid loss")
+            ax.set(title=f"{title} ({'MiniMoE' if self.args.moe else 'MiniLLM'})", xlabel="step", ylabel="loss")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        self.png = self.work / "loss_curves.png"
+        fig.savefig(self.png, dpi=110)
+
+    def summary(self) -> None:
+        pre, sft = self.metrics("ckpt_pretrain"), self.metrics("ckpt_sft")
+        ev = [r for r in pre if "eval_loss" in r]
+        rows = [
+            ("model", "MiniMoE tiny-moe (4 experts, top-2, ep 2)" if self.args.moe else "MiniLLM tiny"),
+            ("pretrain loss (first -> last logged)", f"{pre[0]['loss']:.3f} -> {pre[-1]['loss']:.3f}"),
+            ("pretrain valid loss (last)", f"{ev[-1]['eval_loss']:.3f}" if ev else "-"),
+            ("held-out loss / ppl", f"{self.heldout['loss']:.3f} / {math.exp(self.heldout['loss']):.1f}"),
+            ("held-out bits per byte", f"{self.heldout['bits_per_byte']:.3f}"),
+            ("SFT loss (first -> last logged)", f"{sft[0]['loss']:.3f} -> {sft[-1]['loss']:.3f}"),
+            ("SFT exact match (held-out arithmetic)",
+             f"{self.exact_match['correct']}/{self.exact_match['total']}"),
+            ("pretrain tokens/s (last logged)", f"{pre[-1].get('tokens_per_s', float('nan')):,.0f}"),
+            ("HF export", str(self.work / "hf")),
+            ("loss curves", str(self.png)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        print("\n" + "=" * 72 + "\nSummary\n" + "=" * 72)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        print("-" * 72)
+        for name, secs in self.timings:
+            print(f"{name:<{width}}  {secs:7.1f} s")
+        print(f"{'total':<{width}}  {sum(s for _, s in self.timings):7.1f} s")
+        (self.work / "summary.json").write_text(json.dumps({
+            "rows": dict(rows), "timings_s": dict(self.timings), "heldout": self.heldout,
+            "exact_match": self.exact_match, "samples": self.samples}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    Pipeline(parse_args()).main()
