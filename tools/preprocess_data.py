@@ -68,8 +68,9 @@ def get_args(argv=None):
                    help="also end a batch after this many MB of input (bounds memory with long documents)")
     p.add_argument("--strict", action="store_true",
                    help="stop with an error at the first bad line (default: skip and count bad lines)")
-    p.add_argument("--log-interval", type=int, default=1000,
-                   help="update the progress bar at least every N documents")
+    p.add_argument("--log-interval", type=int, default=10000,
+                   help="when stderr is not a terminal (no progress bar), print a progress line every "
+                        "N documents")
     args = p.parse_args(argv)
     if args.json_keys is None:
         args.json_keys = ["conversations"] if args.chat else ["text"]
@@ -323,7 +324,8 @@ def preprocess(args) -> dict:
                                          dict(meta, json_key=args.json_keys[0] if args.chat else k))
                 for k in keys}
     bad_counts, first_bad = Counter(), {}
-    n_lines = n_docs = n_tokens = blank = 0
+    n_lines = n_docs = n_tokens = blank = n_bytes = 0
+    next_log = args.log_interval
     t0 = time.time()
     bar = tqdm(total=_input_size(args.input), unit="B", unit_scale=True, desc="preprocess",
                mininterval=1.0, file=sys.stderr, disable=None)
@@ -344,8 +346,13 @@ def preprocess(args) -> dict:
             n_docs += len(packed[keys[0]][1])
             n_tokens += len(packed[keys[0]][0])
             bar.update(nbytes)
+            n_bytes += nbytes
             el = max(time.time() - t0, 1e-9)
             bar.set_postfix(docs_per_s=f"{n_docs / el:.0f}", docs=n_docs, refresh=False)
+            if bar.disable and n_docs >= next_log:  # logs (CI, nohup) get plain progress lines
+                next_log = n_docs + args.log_interval
+                print(f"preprocess: {n_docs} documents, {n_bytes / 1e6:.1f} MB, {n_docs / el:.0f} docs/s, "
+                      f"{n_bytes / el / 1e6:.2f} MB/s", file=sys.stderr, flush=True)
         bar.close()
         if n_docs == 0:
             raise UserError(f"no usable documents in {args.input} ({n_lines} lines read"

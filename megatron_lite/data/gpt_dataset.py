@@ -206,15 +206,19 @@ def _blend(builders, weights, n: int):
 
 
 def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int]):
+                       num_samples: tuple[int, int, int], vocab_size: int | None = None):
     """(train, valid, test) packed GPT datasets; an entry is None when its split or count is empty.
 
     Items are {"input_ids": LongTensor(seq_length), "labels": LongTensor(seq_length)}, labels being the
-    inputs shifted by one token.
+    inputs shifted by one token. With `vocab_size`, a dataset holding a larger token id is a UserError.
     """
     prefixes, weights = parse_data_path(data_path)
     fractions = parse_split(split)
     indexed = [IndexedDataset(p) for p in prefixes]
+    if vocab_size is not None:
+        for ds in indexed:
+            ds.check_vocab(vocab_size)
+    num_samples = [int(n or 0) for n in num_samples]
     names = ("train", "valid", "test")
     out = []
     for s, name in enumerate(names):

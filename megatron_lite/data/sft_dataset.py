@@ -75,15 +75,21 @@ def _open_pair(prefix: str):
 
 
 def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int], pad_id: int | None = None):
+                       num_samples: tuple[int, int, int], pad_id: int | None = None,
+                       vocab_size: int | None = None):
     """(train, valid, test) SFT datasets, same item format as `build_gpt_datasets`.
 
     pad_id defaults to the tokenizer's pad id recorded by preprocess_data.py (else 0); padded
     positions are never trained on, so its value only matters for what the model sees.
+    With `vocab_size`, a dataset holding a larger token id is a UserError.
     """
     prefixes, weights = parse_data_path(data_path)
     fractions = parse_split(split)
     pairs = [_open_pair(p) for p in prefixes]
+    if vocab_size is not None:
+        for tok, _ in pairs:
+            tok.check_vocab(vocab_size)
+    num_samples = [int(n or 0) for n in num_samples]
     out = []
     for s in range(3):
         live = []
