@@ -1,0 +1,108 @@
+"""Streamlit chat with a megatron_lite checkpoint (dense or MoE) or an HF Llama/Mixtral folder.
+
+    streamlit run megatron_lite/app/chat_app.py -- --load CKPT [--tag TAG] [--device cuda] [--dtype bfloat16]
+
+The model path may also come from the MEGATRON_LITE_LOAD environment variable or the sidebar.
+Multi-turn: the whole history (after the system prompt) is re-sent each turn, oldest turns dropped once it
+no longer fits the context limit. Replies stream token by token.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import streamlit as st
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron_lite.errors import UserError  # noqa: E402
+from megatron_lite.inference.chat import stream_chat  # noqa: E402
+from megatron_lite.inference.generate import SamplingParams  # noqa: E402
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="chat_app", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--load", default=os.environ.get("MEGATRON_LITE_LOAD", ""),
+                    help="checkpoint folder or HF folder (default: $MEGATRON_LITE_LOAD)")
+    ap.add_argument("--tag", default=None, help="checkpoint tag (default: CKPT/latest)")
+    ap.add_argument("--device", default=None, help="initial device choice (cpu, cuda)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="initial dtype")
+    args, _unknown = ap.parse_known_args(argv)  # Streamlit (and test runners) may leave their own args
+    return args
+
+
+@st.cache_resource(show_spinner="Loading model...")
+def get_model(path: str, tag: str | None, device: str, dtype: str):
+    import contextlib
+
+    from megatron_lite.checkpoint_io import load_model
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_model(path, device, dtype, tag=tag)
+
+
+def sidebar(args):
+    import torch
+
+    sb = st.sidebar
+    sb.title("megatron_lite chat")
+    path = sb.text_input("Checkpoint or HF folder", value=args.load, key="load")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    device = sb.selectbox("Device", devices, index=devices.index(args.device) if args.device in devices else 0)
+    dtypes = ["float32", "bfloat16", "float16"]
+    dtype = sb.selectbox("Dtype", dtypes, index=dtypes.index(args.dtype) if args.dtype else 0,
+                         help="bfloat16/float16 are for GPUs; CPUs are fastest in float32")
+    max_new = sb.slider("Max new tokens", 1, 2048, 256)
+    temperature = sb.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.7, 0.05)
+    top_k = sb.number_input("Top-k (0 = off)", 0, 100000, 0)
+    top_p = sb.slider("Top-p", 0.05, 1.0, 0.9, 0.05)
+    seed = sb.number_input("Seed (-1 = random)", -1, 2**31 - 1, -1)
+    context = sb.number_input("Context limit (tokens, 0 = model max)", 0, 1 << 20, 0)
+    system = sb.text_area("System prompt", value="You are a helpful assistant.")
+    if sb.button("Clear history"):
+        st.session_state.messages = []
+    params = SamplingParams(max_new_tokens=int(max_new), temperature=float(temperature), top_k=int(top_k),
+                            top_p=float(top_p), seed=None if seed < 0 else int(seed))
+    return path.strip(), device, dtype, params, int(context) or None, system
+
+
+def main():
+    st.set_page_config(page_title="megatron_lite chat", page_icon="💬")
+    args = parse_args(sys.argv[1:])
+    path, device, dtype, params, context, system = sidebar(args)
+    if not path:
+        st.info("Enter a checkpoint folder in the sidebar, or start with `-- --load CKPT`.")
+        return
+    try:
+        model, tokenizer = get_model(path, args.tag, device, dtype)
+    except UserError as e:
+        st.error(str(e))
+        return
+    cfg = model.config
+    st.sidebar.caption(f"{'MoE' if cfg.is_moe else 'dense'} · {cfg.num_params() / 1e6:.1f}M params · "
+                       f"context {cfg.max_seq_len}")
+
+    history = st.session_state.setdefault("messages", [])
+    for m in history:
+        with st.chat_message(m["role"]):
+            st.markdown(m["content"])
+    prompt = st.chat_input("Message")
+    if not prompt:
+        return
+    history.append({"role": "user", "content": prompt})
+    with st.chat_message("user"):
+        st.markdown(prompt)
+    conversation = ([{"role": "system", "content": system}] if system.strip() else []) + history
+    with st.chat_message("assistant"):
+        try:
+            deltas = (ev.text for ev in stream_chat(conversation, tokenizer, model, params, context_limit=context))
+            reply = st.write_stream(deltas)
+        except UserError as e:
+            st.error(str(e))
+            history.pop()
+            return
+    history.append({"role": "assistant", "content": reply if isinstance(reply, str) else "".join(map(str, reply))})
+
+
+main()
