@@ -117,3 +117,39 @@ def test_missing_prefix_and_bad_split(tmp_path):
         build_gpt_datasets([str(tmp_path / "nope")], "1,0,0", L, 1, (1, 0, 0))
     with pytest.raises(UserError, match="split"):
         build_gpt_datasets([make(tmp_path / "a")], "a,b", L, 1, (1, 0, 0))
+
+
+def _rank_worker(rank, tmp, prefix, q):
+    import torch.distributed as dist
+
+    import megatron_lite.data.gpt_dataset as g
+    built = []
+    real = g._rank0_builds
+
+    def spy(path, build):  # record which rank actually runs a build
+        return real(path, lambda: (built.append(path), build())[1])
+
+    g._rank0_builds = spy
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
+    try:
+        ds = g.build_gpt_datasets([prefix], "1,0,0", L, 9, (25, 0, 0))[0]
+        q.put((rank, len(built), [ds[i]["input_ids"].tolist() for i in range(25)]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multirank
+def test_two_ranks_rank0_builds_others_load(tmp_path):
+    import multiprocessing as mp
+    p = make(tmp_path / "a")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank_worker, args=(r, str(tmp_path), p, q)) for r in range(2)]
+    for pr in procs:
+        pr.start()
+    results = dict((r, (n, s)) for r, n, s in (q.get(timeout=120) for _ in procs))
+    for pr in procs:
+        pr.join(timeout=60)
+        assert pr.exitcode == 0
+    assert results[0][0] == 3 and results[1][0] == 0  # rank 0 built the three index files; rank 1 only loaded
+    assert results[0][1] == results[1][1]

@@ -171,15 +171,16 @@ def blend_indices(weights: list[float], n: int) -> tuple[np.ndarray, np.ndarray]
     Returns (dataset index, index within that dataset) for samples 0..n-1. Greedy and prefix-stable:
     the first k entries are the same for every n >= k.
     """
-    w = np.asarray(weights, dtype=np.float64)
-    which = np.empty(n, np.int64)
-    within = np.empty(n, np.int64)
-    counts = np.zeros(len(w), np.int64)
+    # Plain Python lists: ~5x faster than per-sample numpy calls for a handful of datasets.
+    w = [float(x) for x in weights]
+    counts = [0] * len(w)
+    which, within = [0] * n, [0] * n
+    ks = range(len(w))
     for i in range(n):
-        d = int(np.argmax(w * (i + 1) - counts))
+        d = max(ks, key=lambda j: w[j] * (i + 1) - counts[j])  # first index wins ties, like argmax
         which[i], within[i] = d, counts[d]
         counts[d] += 1
-    return which, within
+    return np.asarray(which, np.int64), np.asarray(within, np.int64)
 
 
 class BlendedDataset(torch.utils.data.Dataset):
