@@ -33,6 +33,7 @@ class TrainSettings:
     eval_iters: int = 0
     save_interval: int = 0
     save_dir: str | None = None
+    exit_interval: int = 0  # stop (after saving) once the step count is a multiple of this
     peak_flops: float | None = None  # per rank, for MFU
 
     @property
@@ -41,11 +42,14 @@ class TrainSettings:
 
 
 def micro_batch(dataset, s: TrainSettings, first_sample: int, micro_step: int, dev: torch.device):
+    """(input_ids, labels, has_targets) of this rank's micro-batch; has_targets is False when every label is
+    -100 (an SFT batch whose replies were all truncated away), checked on the host before the copy."""
     start = first_sample + (micro_step * s.dp_size + s.dp_rank) * s.micro_batch_size
     items = [dataset[i] for i in range(start, start + s.micro_batch_size)]
-    input_ids = torch.stack([x["input_ids"] for x in items]).to(dev, non_blocking=True)
-    labels = torch.stack([x["labels"] for x in items]).to(dev, non_blocking=True)
-    return input_ids, labels
+    input_ids = torch.stack([x["input_ids"] for x in items])
+    labels = torch.stack([x["labels"] for x in items])
+    has_targets = bool((labels != -100).any())
+    return input_ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), has_targets
 
 
 def flops_per_token(config: ModelConfig, seq_length: int) -> float:
@@ -55,6 +59,12 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     if not config.tie_embeddings:
         n -= config.vocab_size * config.hidden_size  # the input embedding is a lookup, not a matmul
     return 6 * n + 12 * config.num_layers * config.hidden_size * seq_length
+
+
+def _dp_sum(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
 
 
 def _dp_mean(t: torch.Tensor, group) -> torch.Tensor:
@@ -77,9 +87,10 @@ def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
     for m in range(per_rank_steps):
         if (m * s.dp_size + s.dp_rank + 1) * s.micro_batch_size > len(dataset):
             break
-        input_ids, labels = micro_batch(dataset, s, 0, m, dev)
-        total += engine(input_ids, labels).loss.float()
-        n += 1
+        input_ids, labels, has_targets = micro_batch(dataset, s, 0, m, dev)
+        if has_targets:
+            total += engine(input_ids, labels).loss.float()
+            n += 1
     engine.train()
     loss = _dp_mean(total / max(n, 1), group).item()
     return loss, math.exp(min(loss, 50.0))
@@ -89,7 +100,6 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
           start_iter: int = 0, consumed_samples: int = 0, client_extra: dict | None = None) -> dict:
     """Run iterations start_iter+1 .. train_iters. Returns the last logged metrics."""
     dev = engine.device
-    rank = dist.get_rank() if dist.is_initialized() else 0
     tokens_per_iter = s.global_batch * s.seq_length
     fpt = flops_per_token(config, s.seq_length)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -98,7 +108,7 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
     loss_sum = torch.zeros((), device=dev)
     aux_sum = torch.zeros((), device=dev)
     counts_sum = None
-    iters_since_log = 0
+    iters_since_log = n_loss = 0  # n_loss: micro-batches with targets since the last log
     last = {}
     t_log = time.perf_counter()
     t_start, iters_timed = t_log, 0
@@ -112,15 +122,20 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
 
     it = start_iter
     while it < s.train_iters:
-        eng.seed_step(s.seed, rank, it)
+        eng.seed_step(s.seed, s.dp_rank, it)
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances inside step())
         for m in range(s.grad_accum):
-            input_ids, labels = micro_batch(train_ds, s, consumed_samples, m, dev)
+            input_ids, labels, has_targets = micro_batch(train_ds, s, consumed_samples, m, dev)
             out = engine(input_ids, labels)
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+            # No targets: CE is 0/0 = NaN. Back-propagate an exact zero instead (every rank must still run
+            # backward for ZeRO's gradient reduction) and leave the batch out of the logged loss.
+            lm_loss = out.loss if has_targets else out.logits.sum() * 0.0
+            loss = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
             engine.backward(loss)
             engine.step()
-            loss_sum += out.loss.detach().float()
+            if has_targets:
+                loss_sum += out.loss.detach().float()
+                n_loss += 1
             if out.aux_loss is not None:
                 aux_sum += out.aux_loss.detach().float()
                 c = out.expert_counts.detach().float()
@@ -133,7 +148,9 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
         metrics = None
         if it % s.log_interval == 0 or it == s.train_iters:
             n = iters_since_log * s.grad_accum
-            loss_v = _dp_mean(loss_sum / n, dp_group).item()
+            # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide.
+            stats = _dp_sum(torch.stack([loss_sum, torch.tensor(float(n_loss), device=dev)]), dp_group)
+            loss_v = (stats[0] / stats[1].clamp(min=1)).item()
             now = time.perf_counter()
             tok_s = tokens_per_iter * iters_since_log / (now - t_log)
             iters_timed += iters_since_log
@@ -149,7 +166,7 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
                 aux_sum.zero_()
                 counts_sum = None
             loss_sum.zero_()
-            iters_since_log = 0
+            iters_since_log = n_loss = 0
             eta = (now - t_start) / iters_timed * (s.train_iters - it)
             t_log = time.perf_counter()
         if s.eval_interval and valid_ds is not None and s.eval_iters and \
@@ -166,6 +183,11 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
             t0 = time.perf_counter()
             save(it)
             t_log += time.perf_counter() - t0
+        if s.exit_interval and it % s.exit_interval == 0 and it < s.train_iters:
+            if s.save_dir and not (s.save_interval and it % s.save_interval == 0):
+                save(it)
+            monitor.print(f"exiting at step {it} (--exit-interval {s.exit_interval})")
+            break
     return last
 
 

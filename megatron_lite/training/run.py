@@ -74,6 +74,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save", default=None, help="checkpoint folder (also gets metrics.jsonl, configs, tokenizer)")
     g.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
+    g.add_argument("--exit-interval", type=int, default=0,
+                   help="stop (saving first when --save is set) at the first step divisible by N; resume with --load")
     g.add_argument("--load", default=None, help="resume exactly from this checkpoint folder's 'latest'")
     g.add_argument("--log-interval", type=int, default=1, help="steps between log lines (loss averaged over them)")
     g.add_argument("--eval-interval", type=int, default=0, help="evaluate on the valid split every N steps (0: never)")
@@ -97,8 +99,8 @@ def _check_args(a) -> None:
                     "--grad-accum": a.grad_accum}.items():
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
-    if a.save_interval < 0 or a.eval_interval < 0 or a.eval_iters < 0:
-        raise UserError("--save-interval, --eval-interval and --eval-iters must be >= 0")
+    if min(a.save_interval, a.eval_interval, a.eval_iters, a.exit_interval) < 0:
+        raise UserError("--save-interval, --eval-interval, --eval-iters and --exit-interval must be >= 0")
     if a.lr is not None and a.lr < 0 or a.min_lr is not None and a.min_lr < 0:
         raise UserError("--lr and --min-lr must be >= 0")
     if a.load and not os.path.isdir(a.load):
@@ -126,9 +128,6 @@ def model_config(a, tokenizer) -> ModelConfig:
 
 def main(kind: str, argv=None) -> dict:
     """kind: 'pretrain' or 'sft'. Returns the last logged metrics (rank 0) for tests and scripts."""
-    import deepspeed  # noqa: F401  (import before logging tweaks so its logger exists)
-    from deepspeed.utils import logger as ds_logger
-
     from megatron_lite.data.tokenizer import load_tokenizer
     from megatron_lite.parallel import ParallelDims
     from megatron_lite.training import engine as eng
@@ -137,13 +136,8 @@ def main(kind: str, argv=None) -> dict:
 
     a = build_parser(kind).parse_args(argv)
     _check_args(a)
-    ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines cost time and bury ours
-
-    rank, world = eng.init_distributed()
-    is_rank0 = rank == 0
-    num_experts = a.num_experts if a.num_experts is not None else None
-
-    # Model config first: it decides whether MoE checks apply and is cheap to validate before any work.
+    # Everything a user can get wrong is checked before DeepSpeed is imported and ranks start talking.
+    raw_ds_config = eng.load_ds_config(a.deepspeed)
     if kind == "sft":
         eng.check_checkpoint_dir(a.pretrained)
         config = ModelConfig.load(a.pretrained)
@@ -171,16 +165,25 @@ def main(kind: str, argv=None) -> dict:
         eng.check_checkpoint_dir(a.load)
         eng.check_same_model(a.load, config)
 
-    dims = ParallelDims.from_world(world, tp=a.tp, ep=a.ep, num_experts=num_experts).build()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    dims = ParallelDims.from_world(world, tp=a.tp, ep=a.ep, num_experts=num_experts)
     ds_config = eng.resolve_ds_config(
-        eng.load_ds_config(a.deepspeed), dims.dp, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
+        raw_ds_config, dims.dp, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters)
     s = TrainSettings(train_iters=a.train_iters, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       grad_accum=ds_config["gradient_accumulation_steps"], dp_size=dims.dp, dp_rank=dims.dp_rank,
                       seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
                       eval_interval=a.eval_interval, eval_iters=a.eval_iters, save_interval=a.save_interval,
-                      save_dir=a.save, peak_flops=_peak_flops(a))
+                      save_dir=a.save, exit_interval=a.exit_interval)
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines cost time and bury ours
+    rank, world = eng.init_distributed()
+    is_rank0 = rank == 0
+    dims.build()
+    s.dp_rank, s.peak_flops = dims.dp_rank, _peak_flops(a)
     if is_rank0:
         print(f"{kind}: {config.name} model, {config.num_params() / 1e6:.2f}M params "
               f"({config.num_params(active_only=True) / 1e6:.2f}M active), {dims}, world {world}, "

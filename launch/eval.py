@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Loss and perplexity of a checkpoint on a split of a dataset.
+
+    python launch/eval.py --load CKPT --data-path P_text_document [--split 969,30,1] [--splits valid test]
+    deepspeed --num_gpus 2 launch/eval.py --load CKPT --data-path P_text_document --ep 2   # MoE, experts sharded
+
+Prints one JSON object per split: {"split", "loss", "ppl", "samples", "step"}; --output appends them to a file.
+The model, tokenizer and weights all come from CKPT (model_config.json + DeepSpeed checkpoint, experts included).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/eval.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint folder (its 'latest' is evaluated)")
+    p.add_argument("--data-path", nargs="+", required=True, help="dataset prefix or Megatron blend 'W1 P1 W2 P2'")
+    p.add_argument("--sft", action="store_true", help="the data is SFT data (preprocess_data.py --chat): "
+                   "loss on assistant tokens only")
+    p.add_argument("--split", default="969,30,1", help="train,valid,test document proportions (as in training)")
+    p.add_argument("--splits", nargs="+", default=["valid"], choices=["train", "valid", "test"],
+                   help="which splits to evaluate")
+    p.add_argument("--seq-length", type=int, default=256, help="tokens per sample")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="samples per rank per forward")
+    p.add_argument("--eval-iters", type=int, default=10, help="batches of micro x ranks samples per split")
+    p.add_argument("--seed", type=int, default=1234, help="data shuffle seed (use the training seed)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE)")
+    p.add_argument("--output", default=None, help="append the result lines to this JSONL file")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> list:
+    a = build_parser().parse_args(argv)
+    for flag, v in (("--seq-length", a.seq_length), ("--micro-batch-size", a.micro_batch_size),
+                    ("--eval-iters", a.eval_iters), ("--ep", a.ep)):
+        if v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    from deepspeed.utils import logger as ds_logger
+
+    from megatron_lite.config import ModelConfig
+    from megatron_lite.parallel import ParallelDims
+    from megatron_lite.training import engine as eng
+    from megatron_lite.training.loop import TrainSettings, evaluate
+
+    tag = eng.check_checkpoint_dir(a.load)
+    config = ModelConfig.load(a.load)
+    if a.seq_length > config.max_seq_len:
+        raise UserError(f"--seq-length {a.seq_length} exceeds the model's max_seq_len {config.max_seq_len}")
+    ds_logger.setLevel(logging.WARNING)
+    rank, world = eng.init_distributed()
+    dims = ParallelDims.from_world(world, tp=1, ep=a.ep, num_experts=config.num_experts if config.is_moe else None).build()
+    ds_config = {"train_micro_batch_size_per_gpu": a.micro_batch_size, "gradient_accumulation_steps": 1,
+                 "bf16": {"enabled": eng.bf16_supported()}, "zero_optimization": {"stage": 0},
+                 "steps_per_print": 10**9}
+    engine = eng.build_engine(eng.build_model(config, dims, a.seed), ds_config, dims, train=False)
+    eng.load_checkpoint(engine, a.load, config, module_only=True)
+
+    if a.sft:
+        from megatron_lite.data.sft_dataset import build_sft_datasets as build
+    else:
+        from megatron_lite.data.gpt_dataset import build_gpt_datasets as build
+    n = a.eval_iters * a.micro_batch_size * dims.dp
+    datasets = dict(zip(("train", "valid", "test"), build(a.data_path, a.split, a.seq_length, a.seed, (n, n, n))))
+    s = TrainSettings(train_iters=0, micro_batch_size=a.micro_batch_size, grad_accum=1, dp_size=dims.dp,
+                      dp_rank=dims.dp_rank, seq_length=a.seq_length, seed=a.seed, eval_iters=a.eval_iters)
+    step = int(tag.removeprefix("global_step")) if tag.startswith("global_step") else None
+    results = []
+    for split in a.splits:
+        ds = datasets[split]
+        if ds is None:
+            raise UserError(f"split {split!r} is empty for --split {a.split}")
+        loss, ppl = evaluate(engine, ds, s, dims.dp_group)
+        results.append({"split": split, "loss": loss, "ppl": ppl, "samples": min(n, len(ds)), "step": step,
+                        "checkpoint": a.load})
+    if rank == 0:
+        for r in results:
+            print(json.dumps(r))
+        if a.output:
+            with open(a.output, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in results)
+    return results
+
+
+if __name__ == "__main__":
+    with exit_on_user_error("launch/eval.py"):
+        main()

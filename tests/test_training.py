@@ -1,0 +1,326 @@
+"""Training engine: real runs of launch/pretrain.py, sft.py and eval.py (1 process and 2 gloo ranks).
+
+One tiny corpus, tokenizer and a handful of short runs are shared by the whole module; each run is
+checked for several things (losses, files, resume, parallel equivalence) so the module stays fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.config import ModelConfig, get_preset, pad_vocab_size
+from megatron_lite.errors import UserError
+from megatron_lite.training import engine as eng
+from megatron_lite.training.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+# A model small enough that start-up, not compute, dominates every run.
+SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-heads", "4", "--num-kv-heads", "2",
+         "--ffn-hidden-size", "128", "--seq-length", "32"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run(script: str, args: list[str], ranks: int = 1, check: bool = True, **env) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, str(REPO / script)]
+    else:
+        cmd = [DEEPSPEED, "--master_port", str(_free_port()), "--num_gpus", str(ranks), str(REPO / script)]
+    p = subprocess.run(cmd + [str(a) for a in args], cwd=REPO, env=_env(**env), capture_output=True, text=True,
+                       timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd + args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def metrics(ckpt) -> list[dict]:
+    return [json.loads(line) for line in open(Path(ckpt) / "metrics.jsonl")]
+
+
+def losses(ckpt) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(ckpt) if "loss" in m}
+
+
+def copy_at(src: Path, dst: Path, step: int) -> Path:
+    """A checkpoint folder holding only `src`'s global_step{step}: what a run stopped there would leave."""
+    dst.mkdir()
+    for name in ("model_config.json", "tokenizer"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, dst / name)
+    shutil.copytree(src / f"global_step{step}", dst / f"global_step{step}")
+    (dst / "latest").write_text(f"global_step{step}")
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from megatron_lite.data.corpus import write_corpus
+
+    d = tmp_path_factory.mktemp("train_data")
+    write_corpus(str(d), pretrain_mb=0.3, sft_arith=200, seed=0)
+    for cmd in (["tools/train_tokenizer.py", "--input", d / "pretrain_train.jsonl", "--vocab-size", "400",
+                 "--output-dir", d / "tok"],
+                ["tools/preprocess_data.py", "--input", d / "pretrain_train.jsonl", "--output-prefix", d / "pt",
+                 "--tokenizer", d / "tok", "--append-eod"],
+                ["tools/preprocess_data.py", "--input", d / "sft_train.jsonl", "--output-prefix", d / "sft",
+                 "--tokenizer", d / "tok", "--chat"]):
+        subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO, env=_env(), check=True,
+                       capture_output=True)
+    return {"dir": d, "tok": d / "tok", "pt": str(d / "pt_text_document"), "sft": str(d / "sft_text_document")}
+
+
+def pretrain_args(data, save, iters, *extra):
+    return ["--model", "tiny", *SMALL, "--tokenizer", data["tok"], "--data-path", data["pt"], "--train-iters", iters,
+            "--lr", "3e-3", "--warmup-iters", "2", "--save", save, *extra]
+
+
+@pytest.fixture(scope="module")
+def dense2(data, tmp_path_factory):
+    """2-rank ZeRO-2 dense run of 30 steps (micro 2 x dp 2), saved every 10, with an eval and wandb offline."""
+    save = tmp_path_factory.mktemp("dense2") / "ckpt"
+    run("launch/pretrain.py", pretrain_args(data, save, 30, "--micro-batch-size", 2, "--save-interval", 10,
+                                            "--eval-interval", 30, "--eval-iters", 1, "--wandb-project", "mlite-test"),
+        ranks=2, WANDB_MODE="offline")
+    return save
+
+
+@pytest.fixture(scope="module")
+def moe2(data, tmp_path_factory):
+    """2-rank MoE run, 4 experts, top-2, ep 2: two experts per rank."""
+    save = tmp_path_factory.mktemp("moe2") / "ckpt"
+    args = ["--model", "tiny-moe", *SMALL, "--num-experts", 4, "--topk", 2, "--ep", 2, "--tokenizer", data["tok"],
+            "--data-path", data["pt"], "--train-iters", 6, "--micro-batch-size", 2, "--save", save,
+            "--save-interval", 3]
+    run("launch/pretrain.py", args, ranks=2)
+    return save, args
+
+
+# ------------------------------------------------------------------------------------------ unit
+
+def test_schedule_warmup_then_cosine_to_floor():
+    assert lr_at(0, 1.0, 0.1, 4, 20) == pytest.approx(0.25)
+    assert lr_at(3, 1.0, 0.1, 4, 20) == pytest.approx(1.0)
+    assert lr_at(12, 1.0, 0.1, 4, 20) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(20, 1.0, 0.1, 4, 20) == lr_at(99, 1.0, 0.1, 4, 20) == pytest.approx(0.1)
+
+
+def test_ds_config_flags_override_json_and_batch_checks():
+    base = eng.load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    cfg = eng.resolve_ds_config(base, dp=2, micro_batch_size=3, global_batch_size=24, lr=5e-4, min_lr=5e-5,
+                                warmup_iters=7, train_iters=100)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (3, 4, 24)
+    assert cfg["optimizer"]["params"]["lr"] == 5e-4
+    assert eng.lr_settings(cfg) == dict(max_lr=5e-4, min_lr=pytest.approx(5e-5), warmup_iters=7, decay_iters=100)
+    assert cfg["bf16"]["enabled"] is eng.bf16_supported()  # "auto" resolved: False on CPU
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["contiguous_gradients"]
+    with pytest.raises(UserError, match="not divisible"):
+        eng.resolve_ds_config(base, dp=2, micro_batch_size=4, global_batch_size=12)
+    with pytest.raises(UserError, match="inconsistent"):
+        eng.resolve_ds_config({**base, "train_batch_size": 7, "gradient_accumulation_steps": 1}, dp=1)
+    with pytest.raises(UserError, match="!="):
+        eng.resolve_ds_config(base, dp=1, micro_batch_size=2, grad_accum=2, global_batch_size=8)
+
+
+def test_param_groups_no_decay_on_norms_biases_embeddings():
+    from megatron_lite.model.gpt import GPT
+
+    cfg = get_preset("tiny", num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
+                     vocab_size=128, ffn_type="mlp")  # mlp FFN has biases
+    model = GPT(cfg)
+    groups = {g["name"]: g for g in eng.param_groups(model, 0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+    assert "embed_tokens.weight" in no_decay and "norm.weight" in no_decay
+    assert any(n.endswith("bias") for n in no_decay) and not any(n.endswith("bias") for n in decay)
+    assert all(p.dim() == 2 for p in groups["decay"]["params"])
+    assert len(no_decay) + len(decay) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ dense, 2 ranks
+
+@pytest.mark.multirank
+def test_zero2_two_ranks_trains_and_writes_checkpoint(dense2, data):
+    m = [x for x in metrics(dense2) if "loss" in x]
+    assert [x["step"] for x in m] == list(range(1, 31))
+    first, last = sum(x["loss"] for x in m[:5]) / 5, sum(x["loss"] for x in m[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert all(x["grad_norm"] > 0 and x["tokens_per_s"] > 0 for x in m)
+    assert m[0]["lr"] == pytest.approx(1.5e-3) and m[1]["lr"] == pytest.approx(3e-3)  # warmup 2
+    assert "eval_loss" in metrics(dense2)[-1] and metrics(dense2)[-1]["eval_ppl"] > 1
+    # DeepSpeed layout: latest -> global_step30 with one ZeRO shard per data-parallel rank.
+    assert (dense2 / "latest").read_text() == "global_step30"
+    step = dense2 / "global_step30"
+    assert (step / "mp_rank_00_model_states.pt").exists()
+    assert sorted(p.name for p in step.glob("zero_pp_rank_*")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert not list(dense2.glob("tmp-*"))  # temporary tags were renamed
+    # Self-describing folder: padded vocab from the tokenizer, the tokenizer itself, configs, args.
+    from megatron_lite.data.tokenizer import load_tokenizer
+    cfg = ModelConfig.load(dense2)
+    assert cfg.vocab_size == pad_vocab_size(len(load_tokenizer(str(data["tok"]))))
+    assert len(load_tokenizer(str(dense2 / "tokenizer"))) == len(load_tokenizer(str(data["tok"])))
+    ds = json.loads((dense2 / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert json.loads((dense2 / "args.json").read_text())["train_iters"] == 30
+    client = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)
+    assert client["iteration"] == 30 and client["consumed_samples"] == 120
+    assert set(client["rng"]) >= {"python", "numpy", "torch"} and client["model_config"] == cfg.to_dict()
+
+
+@pytest.mark.multirank
+def test_wandb_offline_run_folder(dense2):
+    runs = list((dense2 / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")) and (runs[0] / "files").is_dir()
+
+
+@pytest.mark.multirank
+def test_resume_dense_two_ranks_is_exact(dense2, data, tmp_path):
+    resumed = copy_at(dense2, tmp_path / "resumed", 20)
+    run("launch/pretrain.py", pretrain_args(data, resumed, 30, "--micro-batch-size", 2, "--load", resumed,
+                                            "--eval-interval", 30, "--eval-iters", 1), ranks=2)
+    straight, again = losses(dense2), losses(resumed)
+    assert sorted(again) == list(range(21, 31))
+    assert all(again[s] == straight[s] for s in again), [(s, again[s], straight[s]) for s in again]
+    assert metrics(resumed)[-1]["eval_loss"] == metrics(dense2)[-1]["eval_loss"]
+
+
+@pytest.mark.multirank
+def test_zero2_dp2_matches_one_process_same_global_batch(dense2, data, tmp_path):
+    """dp 2 x micro 2 vs 1 process x micro 2 x grad-accum 2: the same 4 samples per step."""
+    one = tmp_path / "one"
+    run("launch/pretrain.py", pretrain_args(data, one, 30, "--micro-batch-size", 2, "--grad-accum", 2,
+                                            "--exit-interval", 10))
+    a, b = losses(dense2), losses(one)
+    assert sorted(b) == list(range(1, 11))
+    assert max(abs(a[s] - b[s]) for s in b) < 1e-5, [(s, a[s], b[s]) for s in b]
+    assert (one / "latest").read_text() == "global_step10"  # --exit-interval saved before stopping
+
+
+@pytest.mark.multirank
+def test_eval_matches_training_eval(dense2, data):
+    p = run("launch/eval.py", ["--load", dense2, "--data-path", data["pt"], "--seq-length", 32,
+                               "--micro-batch-size", 4, "--eval-iters", 1])
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["split"] == "valid" and result["step"] == 30
+    assert result["loss"] == pytest.approx(metrics(dense2)[-1]["eval_loss"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ MoE, ep 2
+
+@pytest.mark.multirank
+def test_moe_ep2_expert_files_and_load_metrics(moe2):
+    save, _ = moe2
+    step = save / "global_step6"
+    experts = sorted(p.name for p in step.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
+    assert experts == sorted(f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in range(2) for e in range(4))
+    m = metrics(save)
+    assert [x["step"] for x in m] == list(range(1, 7))
+    for x in m:
+        assert x["aux_loss"] > 0
+        load = torch.tensor(x["expert_load"])
+        assert load.shape == (2, 4) and torch.allclose(load.sum(-1), torch.ones(2))
+
+
+@pytest.mark.multirank
+def test_resume_moe_ep2_is_exact(moe2, tmp_path):
+    save, args = moe2
+    resumed = copy_at(save, tmp_path / "resumed", 3)
+    args = [a if a != save else resumed for a in args] + ["--load", resumed]
+    run("launch/pretrain.py", args, ranks=2)
+    straight, again = losses(save), losses(resumed)
+    assert sorted(again) == [4, 5, 6]
+    assert all(again[s] == straight[s] for s in again), [(s, again[s], straight[s]) for s in again]
+
+
+# ------------------------------------------------------------------------------------------ SFT
+
+def test_sft_loss_is_cross_entropy_on_assistant_tokens_only(data):
+    """The SFT item for a crafted conversation trains exactly on the assistant reply (+ its <|im_end|>):
+    the model's loss equals CE over those positions, and the gradient ignores every other label."""
+    from megatron_lite.data.sft_dataset import build_sft_datasets
+    from megatron_lite.data.tokenizer import load_tokenizer
+    from megatron_lite.model.gpt import GPT
+
+    d = data["dir"] / "crafted"
+    d.mkdir(exist_ok=True)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
+            {"role": "assistant", "content": "It is 8."}]
+    (d / "c.jsonl").write_text(json.dumps({"conversations": conv}) + "\n")
+    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(d / "c.jsonl"), "--output-prefix",
+                    str(d / "c"), "--tokenizer", str(data["tok"]), "--chat"], cwd=REPO, env=_env(), check=True,
+                   capture_output=True)
+    tok = load_tokenizer(str(data["tok"]))
+    train, _, _ = build_sft_datasets([str(d / "c_text_document")], "1,0,0", 256, 0, (1, 0, 0))
+    item = train[0]
+    trained = item["labels"][item["labels"] != -100]
+    assert tok.decode(trained) == "5<|im_end|>It is 8.<|im_end|>"
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
+                           vocab_size=pad_vocab_size(len(tok))))
+    ids, labels = item["input_ids"][None], item["labels"][None]
+    out = model(ids, labels)
+    keep = labels[0] != -100
+    manual = torch.nn.functional.cross_entropy(out.logits[0][keep], labels[0][keep])
+    assert torch.equal(out.loss, manual)
+    # Gradient of the SFT loss w.r.t. the logits is zero at every non-assistant position.
+    logits = out.logits.detach().requires_grad_(True)
+    torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100).backward()
+    assert logits.grad[0][~keep].abs().max() == 0 and logits.grad[0][keep].abs().max() > 0
+
+
+@pytest.mark.multirank
+def test_sft_from_pretrained_checkpoint(dense2, data, tmp_path):
+    save = tmp_path / "sft"
+    run("launch/sft.py", ["--pretrained", dense2, "--seq-length", 128, "--data-path", data["sft"], "--micro-batch-size", 4,
+                          "--train-iters", 8, "--lr", "2e-3", "--save", save, "--eval-interval", 8, "--eval-iters", 1])
+    m = [x for x in metrics(save) if "loss" in x]
+    assert [x["step"] for x in m] == list(range(1, 9)) and m[0]["lr"] == pytest.approx(2e-3)
+    assert sum(x["loss"] for x in m[-3:]) < sum(x["loss"] for x in m[:3])
+    assert ModelConfig.load(save) == ModelConfig.load(dense2) and (save / "tokenizer").is_dir()
+    assert (save / "latest").read_text() == "global_step8"
+    # Started from the pretrained weights, not a fresh init: a fresh model's first loss is ~ln(vocab).
+    cfg = ModelConfig.load(dense2)
+    assert m[0]["loss"] < 0.9 * torch.log(torch.tensor(float(cfg.vocab_size))).item()
+
+
+# ------------------------------------------------------------------------------------------ user errors
+
+@pytest.mark.parametrize("extra, message", [
+    (["--deepspeed", "BAD_JSON"], "is not valid JSON"),
+    (["--seq-length", "4096"], "exceeds the model's max_seq_len"),
+    (["--load", "/nonexistent/ckpt"], "does not exist"),
+    (["--micro-batch-size", "4", "--global-batch-size", "6"], "not divisible"),
+])
+def test_user_errors_are_one_line(data, tmp_path, extra, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    extra = [str(bad) if e == "BAD_JSON" else e for e in extra]
+    p = run("launch/pretrain.py", ["--tokenizer", data["tok"], "--data-path", data["pt"], "--train-iters", 1, *extra],
+            check=False)
+    assert p.returncode == 2 and message in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
