@@ -63,12 +63,12 @@ def parse_split(split: str) -> list[float]:
 
 
 def split_ranges(n_docs: int, fractions: list[float]) -> list[tuple[int, int]]:
-    """Document index ranges [start, end) for train/valid/test (Megatron's rounding)."""
-    bounds = [0]
-    for f in fractions:
-        bounds.append(bounds[-1] + int(round(f * n_docs)))
-    diff = bounds[-1] - n_docs
-    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    """Document index ranges [start, end) for train/valid/test.
+
+    Rounding the cumulative fractions (not each part) keeps the bounds monotonic and summing to n.
+    """
+    cum = np.cumsum([0.0] + list(fractions))
+    bounds = [int(round(c * n_docs)) for c in cum[:-1]] + [n_docs]
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
