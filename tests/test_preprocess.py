@@ -147,3 +147,15 @@ def test_chat_mode_aligned_mask(tmp_path, tok_dir):
         want_ids, want_mask = encode_chat(tok, c)
         assert ids[i].tolist() == want_ids and mask[i].tolist() == want_mask
     assert tok.decode(ids[1][mask[1].astype(bool)]) == "你好!😀<|im_end|>"
+
+
+def test_strict_with_workers_stops_and_cleans_up(tmp_path, tok_dir, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"text": "fine"}\n' * 50 + b'{"text": 7}\n' + b'{"text": "more"}\n' * 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit):
+        run(["--input", inp, "--output-prefix", out / "p", "--tokenizer", tok_dir, "--strict",
+             "--workers", 2, "--batch-size", 8])
+    assert "in.jsonl:51: line has a non-string value" in capsys.readouterr().err
+    assert os.listdir(out) == []

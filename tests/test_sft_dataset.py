@@ -57,14 +57,16 @@ def test_labels_only_on_assistant_tokens(data):
 
 def test_truncation_and_prefix_forms(data):
     d, tok = data
-    a = build_sft_datasets([str(d / "s")], "1,0,0", 8, 3, (40, 0, 0))[0]
-    b = build_sft_datasets([str(d / "s_text_document")], "1,0,0", 8, 3, (40, 0, 0))[0]
-    for i in range(40):  # past one epoch: the second epoch is a new permutation
+    L = encode_chat(tok, CONVS[1])[1].index(1) + 1  # cuts short chats just inside their answer
+    a = build_sft_datasets([str(d / "s")], "1,0,0", L, 3, (60, 0, 0))[0]
+    b = build_sft_datasets([str(d / "s_text_document")], "1,0,0", L, 3, (60, 0, 0))[0]
+    for i in range(60):  # two epochs
         x, y = a[i], b[i]
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
         ids, _ = encode_chat(tok, CONVS[a.conversation_index(i)])
-        assert x["input_ids"].tolist() == ids[:8]
-    assert sorted(a.conversation_index(i) for i in range(30, 40)) != list(range(30, 40))
+        assert x["input_ids"].tolist() == ids[:L]
+    order = [a.conversation_index(i) for i in range(2 * a.n)]
+    assert sorted(order[:a.n]) == sorted(order[a.n:]) and order[:a.n] != order[a.n:]
 
 
 def test_split_and_seed(data):
@@ -86,3 +88,15 @@ def test_misaligned_mask_is_user_error(data, tmp_path):
         b.add_document([1, 0])
     with pytest.raises(UserError, match="not aligned"):
         build_sft_datasets([str(tmp_path / "x")], "1,0,0", 8, 1, (1, 0, 0))
+
+
+def test_conversations_truncated_before_any_answer_are_left_out(data):
+    d, tok = data
+    # Conversation 0 (system + two turns) is the longest; its first answer starts later than in others.
+    first_answer = encode_chat(tok, CONVS[0])[1].index(1)
+    L = first_answer - 1  # the window ends before conversation 0's first assistant token
+    ds = build_sft_datasets([str(d / "s")], "1,0,0", L, 1, (60, 0, 0))[0]
+    assert 0 not in {ds.conversation_index(i) for i in range(60)} and ds.dropped >= 1
+    assert all((ds[i]["labels"] != IGNORE_INDEX).any() for i in range(60))
+    with pytest.raises(UserError, match="raise --seq-length"):
+        build_sft_datasets([str(d / "s")], "1,0,0", 2, 1, (1, 0, 0))

@@ -33,8 +33,18 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, tokens: IndexedDataset, mask: IndexedDataset, doc_start: int, doc_end: int,
                  num_samples: int, seq_length: int, seed: int, pad_id: int):
         self.tokens_ds, self.mask_ds = tokens, mask
-        self.start, self.n = doc_start, doc_end - doc_start
         self.num_samples, self.seq_length, self.seed, self.pad_id = num_samples, seq_length, seed, pad_id
+        # A conversation whose assistant tokens all fall past the truncation point would give a sample
+        # with no label at all (a 0/0 loss): leave those out.
+        lengths = mask.sequence_lengths
+        self.docs = np.array([d for d in range(doc_start, doc_end)
+                              if lengths[d] > 1 and mask.get(d, 1, min(int(lengths[d]), seq_length + 1) - 1).any()],
+                             dtype=np.int64)
+        self.dropped = (doc_end - doc_start) - len(self.docs)
+        if not len(self.docs):
+            raise UserError(f"dataset {tokens.prefix!r}: no conversation in documents [{doc_start}, {doc_end}) has "
+                            f"an assistant token within the first {seq_length} tokens; raise --seq-length")
+        self.n = len(self.docs)
         self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self):
@@ -46,7 +56,7 @@ class SFTDataset(torch.utils.data.Dataset):
         epoch, k = divmod(i, self.n)
         if epoch not in self._perms:  # one permutation per epoch, built on first use
             self._perms[epoch] = np.random.default_rng([self.seed, 7, epoch]).permutation(self.n)
-        return self.start + int(self._perms[epoch][k])
+        return int(self.docs[self._perms[epoch][k]])
 
     def __getitem__(self, i: int):
         c = self.conversation_index(i)
