@@ -84,7 +84,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str, kind
         # Leave room for the 256 byte-fallback pieces, which are appended after training.
         trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, min_frequency=min_frequency,
                                       special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                      limit_alphabet=1000)
+                                      # Rare characters fall back to bytes; cap the alphabet so a small
+                                      # vocabulary still has room for merges (and stays <= vocab_size).
+                                      limit_alphabet=max(1, min(1000, (vocab_size - n_reserved) // 2)))
         tok.train_from_iterator(texts, trainer=trainer, length=length)
         vocab = tok.get_vocab()
         merges = _bpe_merges(tok)
