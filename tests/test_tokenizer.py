@@ -34,6 +34,7 @@ def test_loads_with_autotokenizer_and_special_tokens(tok):
     assert t.convert_tokens_to_ids(["<unk>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
     assert t.eos_token == t.pad_token == "<|im_end|>"
     assert t.chat_template == CHAT_TEMPLATE
+    assert len(t) <= 400  # never more than --vocab-size
     # Special tokens are atomic in text and never split.
     assert t.encode("<|im_start|>user")[0] == 1
 
