@@ -1,7 +1,6 @@
 """Embedded corpus: formats, held-out split by file/question, correct arithmetic, real docstrings."""
 import inspect
 import json
-import json as json_module
 import re
 import subprocess
 import sys
@@ -56,7 +55,7 @@ def test_stdlib_qa_uses_real_docstrings(corpus):
     _, _, rows = corpus
     qa = dict(_qa(rows["sft_train"] + rows["sft_valid"]))
     q = "What does the function `json.dumps` do?"
-    assert qa[q] == inspect.getdoc(json_module.dumps).split("\n\n")[0].replace("\n", " ").strip()
+    assert qa[q] == inspect.getdoc(json.dumps).split("\n\n")[0].replace("\n", " ").strip()
     assert sum(k.startswith("What does") for k in qa) > 200
     train_q = {q for q, _ in _qa(rows["sft_train"])}
     assert not train_q & {q for q, _ in _qa(rows["sft_valid"])}
