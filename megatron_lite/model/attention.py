@@ -107,7 +107,7 @@ class Attention(nn.Module):
         else:
             # Plain causal masking is only right when queries and keys start at the same position.
             is_causal = attn_mask is None and k.shape[2] == T
-            if attn_mask is None and not is_causal:
+            if attn_mask is None and not is_causal and T > 1:  # one new query sees every cached key
                 attn_mask = causal_mask(T, k.shape[2], x.device)
             gqa = q.shape[1] != k.shape[1]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,

@@ -134,7 +134,8 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, gather_logits: bool = True) -> GPTOutput:
+                kv_cache: KVCache | None = None, gather_logits: bool = True,
+                logits_to_keep: int = 0) -> GPTOutput:
         """input_ids, labels: (B, T); labels are already aligned to positions (label t = token t+1), -100 ignored.
 
         With tensor parallelism the loss never needs the full logits; gather_logits=False skips gathering
@@ -142,6 +143,7 @@ class GPT(nn.Module):
 
         attention_mask: optional (B, S) with 1 for real tokens and 0 for padding over all S = past + T key
         positions (left-padded batched generation). position_ids default to past + arange(T).
+        logits_to_keep > 0 computes logits for the last that many positions only (generation's prefill).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -165,6 +167,8 @@ class GPT(nn.Module):
                 counts.append(cnt)
         if kv_cache is not None:
             kv_cache.length += T
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         if self.tp_size > 1:
             logits = parallel_lm_logits(x, self.output_weight(), self.tp_group).float()  # (B, T, vocab/tp)
