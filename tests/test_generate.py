@@ -83,7 +83,7 @@ class ScriptedLM(nn.Module):
             length = 0
         return Cache()
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None, logits_to_keep=0):
         B, T = input_ids.shape
         step = self.steps = 0 if kv_cache.length == 0 else self.steps + 1
         kv_cache.length += T

@@ -199,7 +199,7 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
         return
     cache = model.new_kv_cache(B, P + new_tokens)
     attn = mask if padded else None
-    logits = model(ids, position_ids=positions, attention_mask=attn, kv_cache=cache).logits[:, -1]
+    logits = model(ids, position_ids=positions, attention_mask=attn, kv_cache=cache, logits_to_keep=1).logits[:, -1]
     pos = positions[:, -1:]
     for step in range(new_tokens):
         nxt = pick_next(process_logits(logits.float(), seen, p), p, gen)  # (B,)
@@ -228,7 +228,8 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
         pos = pos + 1
         if attn is not None:
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        logits = model(nxt[:, None], position_ids=pos, attention_mask=attn, kv_cache=cache).logits[:, -1]
+        logits = model(nxt[:, None], position_ids=pos, attention_mask=attn, kv_cache=cache,
+                       logits_to_keep=1).logits[:, -1]
 
 
 def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]] | str, params: SamplingParams | None = None,
