@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--sft-iters", type=int, default=120, help="SFT optimizer steps (default: 120)")
     p.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate (default: 2e-3)")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT peak learning rate (default: 1e-3)")
+    p.add_argument("--heldout-batches", type=int, default=40, help="batches of 8 held-out samples evaluated (default: 40)")
     p.add_argument("--eval-questions", type=int, default=100, help="held-out arithmetic questions scored (default: 100)")
     p.add_argument("--seed", type=int, default=1234, help="training seed (default: 1234)")
     return p.parse_args(argv)
@@ -103,10 +104,13 @@ class Pipeline:
             "--warmup-iters", max(1, a.sft_iters // 20), "--eval-interval", max(1, a.sft_iters // 4),
             "--save", w / "ckpt_sft", "--save-interval", a.sft_iters, *(["--ep", "2"] if a.moe else [])]),
             env=self.train_env)
-        heldout = self.run("held-out evaluation (files never seen in training)", [
+        heldout_json = w / "heldout_eval.jsonl"
+        heldout_json.unlink(missing_ok=True)
+        self.run("held-out evaluation (files never seen in training)", [
             py, "launch/eval.py", "--load", w / "ckpt_pretrain", "--data-path", w / "data/pretrain_valid_text_document",
-            "--split", "0,0,1", "--eval-split", "test", "--seq-length", a.seq_length, "--json"], capture=True)
-        self.heldout = json.loads(heldout.strip().splitlines()[-1])
+            "--split", "0,0,1", "--splits", "test", "--seq-length", a.seq_length, "--micro-batch-size", 8,
+            "--eval-iters", a.heldout_batches, "--output", heldout_json])
+        self.heldout = json.loads(heldout_json.read_text().strip().splitlines()[-1])
         self.heldout["bits_per_byte"] = self.bits_per_byte(self.heldout["loss"])
         self.exact_match = self.score_arithmetic()
         self.run("convert to HuggingFace", [py, "tools/convert_to_hf.py", "--load", w / "ckpt_sft", "--output", w / "hf"])
@@ -176,9 +180,11 @@ class Pipeline:
         return out
 
     # ------------------------------------------------------------------ report
-    def metrics(self, ckpt: str) -> list[dict]:
+    def metrics(self, ckpt: str, key: str | None = None) -> list[dict]:
+        """Rows of CKPT/metrics.jsonl, only those holding `key` if given (eval-only rows have no train loss)."""
         with open(self.work / ckpt / "metrics.jsonl", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [r for r in rows if key is None or key in r]
 
     def plot_losses(self) -> None:
         import matplotlib
@@ -188,9 +194,8 @@ class Pipeline:
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, ckpt, title in zip(axes, ("ckpt_pretrain", "ckpt_sft"), ("pretraining", "SFT")):
-            rows = self.metrics(ckpt)
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-            ev = [r for r in rows if "eval_loss" in r]
+            tr, ev = self.metrics(ckpt, "loss"), self.metrics(ckpt, "eval_loss")
+            ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
             ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="valid loss")
             ax.set(title=f"{title} ({'MiniMoE' if self.args.moe else 'MiniLLM'})", xlabel="step", ylabel="loss")
             ax.grid(alpha=0.3)
@@ -200,8 +205,8 @@ class Pipeline:
         fig.savefig(self.png, dpi=110)
 
     def summary(self) -> None:
-        pre, sft = self.metrics("ckpt_pretrain"), self.metrics("ckpt_sft")
-        ev = [r for r in pre if "eval_loss" in r]
+        pre, sft = self.metrics("ckpt_pretrain", "loss"), self.metrics("ckpt_sft", "loss")
+        ev = self.metrics("ckpt_pretrain", "eval_loss")
         rows = [
             ("model", "MiniMoE tiny-moe (4 experts, top-2, ep 2)" if self.args.moe else "MiniLLM tiny"),
             ("pretrain loss (first -> last logged)", f"{pre[0]['loss']:.3f} -> {pre[-1]['loss']:.3f}"),
