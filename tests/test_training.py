@@ -133,6 +133,8 @@ def test_ds_config_flags_override_json_and_batch_checks():
     assert eng.lr_settings(cfg) == dict(max_lr=5e-4, min_lr=pytest.approx(5e-5), warmup_iters=7, decay_iters=100)
     assert cfg["bf16"]["enabled"] is eng.bf16_supported()  # "auto" resolved: False on CPU
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["contiguous_gradients"]
+    # One data-parallel rank: nothing to partition, so ZeRO's copies are skipped (stage 0, same math).
+    assert eng.resolve_ds_config(base, dp=1)["zero_optimization"] == {"stage": 0}
     with pytest.raises(UserError, match="not divisible"):
         eng.resolve_ds_config(base, dp=2, micro_batch_size=4, global_batch_size=12)
     with pytest.raises(UserError, match="inconsistent"):
@@ -217,6 +219,7 @@ def test_zero2_dp2_matches_one_process_same_global_batch(dense2, data, tmp_path)
     assert sorted(b) == list(range(1, 11))
     assert max(abs(a[s] - b[s]) for s in b) < 1e-5, [(s, a[s], b[s]) for s in b]
     assert (one / "latest").read_text() == "global_step10"  # --exit-interval saved before stopping
+    assert all(x["grad_norm"] > 0 for x in metrics(one))  # stage 0 (dp=1) reports the norm too
 
 
 @pytest.mark.multirank

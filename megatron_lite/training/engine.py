@@ -167,6 +167,15 @@ def resolve_ds_config(cfg: dict, dp: int, *, micro_batch_size=None, grad_accum=N
     if not torch.cuda.is_available() and (bf16["enabled"] or cfg.get("fp16", {}).get("enabled")):
         print("warning: bf16/fp16 on CPU is very slow; ds_config 'bf16': {'enabled': 'auto'} picks fp32 here")
     cfg.setdefault("steps_per_print", 10**9)  # our monitor prints; DeepSpeed's own progress lines are noise
+
+    # ZeRO shards optimizer state and gradients over data-parallel ranks; with one there is nothing to shard
+    # and stage 1/2 only adds copies (grads into a contiguous buffer, an fp32 partition, weights copied back):
+    # ~8 % of a CPU step on `tiny`. The math is the same, so a dp=1 run uses stage 0 (kept with offload,
+    # whose point is memory, not sharding).
+    zero = cfg.get("zero_optimization") or {}
+    if dp == 1 and zero.get("stage", 0) in (1, 2) and not uses_optimizer_offload(cfg):
+        cfg["zero_optimization"] = {"stage": 0}
+        cfg["zero_note"] = f"stage {zero['stage']} -> 0: a single data-parallel rank has nothing to partition"
     return cfg
 
 
@@ -235,8 +244,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
 
     cfg = copy.deepcopy(ds_config)
     sched = lr_settings(cfg) if train else None
-    cfg.pop("scheduler", None)
-    cfg.pop("wandb", None)
+    for key in ("scheduler", "wandb", "zero_note"):
+        cfg.pop(key, None)
     kwargs = {}
     if train:
         opt = cfg["optimizer"]["params"]
@@ -256,7 +265,23 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
         cfg.pop("optimizer", None)
         cfg["zero_optimization"] = {"stage": 0}
     engine, *_ = deepspeed.initialize(model=model, config=cfg, mpu=dims.mpu, **kwargs)
+    if train and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        _record_fp32_grad_norm(engine)
+    if dims.dp == 1 and engine.zero_optimization_stage() == 0:
+        # A data-parallel "all-reduce" over one rank still flattens and unflattens every gradient.
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """Without ZeRO and mixed precision DeepSpeed clips fp32 gradients but throws the norm away; keep it
+    (same DeepSpeed function, its return value stored) so stage-0 runs log grad_norm too."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                                   mpu=engine.mpu)
+    engine.clip_fp32_gradients = clip_and_record
 
 
 # ---------------------------------------------------------------------------------------------- RNG
