@@ -64,11 +64,38 @@ def _resolve_tag_dir(ckpt_dir: Path, tag: str | None) -> tuple[Path, Path]:
     return ckpt_dir, tag_dir
 
 
+# Plain numpy arrays and scalars (e.g. RNG states older checkpoints kept in their client state) rebuild
+# from a dtype and raw bytes and run no code, so they are allowed; anything else stays refused.
+_NUMPY_DATA_GLOBALS = re.compile(r"^numpy(\._core|\.core)\.multiarray\.(_reconstruct|scalar)$|^numpy\.(ndarray|dtype)$"
+                                 r"|^numpy\.dtypes\.\w+DType$")
+
+
+def _numpy_data_types() -> list:
+    import numpy as np
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
 def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt/truncated file or a pickle with code in it
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    except Exception as first:  # corrupt/truncated file, or globals beyond the weights-only defaults
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:
+            names = None
+        if names and all(_NUMPY_DATA_GLOBALS.match(n) for n in names):
+            try:
+                with torch.serialization.safe_globals(_numpy_data_types()):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as second:
+                first = second
+        what = f"it needs unsafe globals {names}" if names else str(first).splitlines()[0]
+        raise UserError(f"cannot read {path} with weights_only=True: {what}") from None
 
 
 def _read_rank(tag_dir: Path, tp_rank: int, expert_files: dict) -> dict[str, torch.Tensor]:
