@@ -233,6 +233,38 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+class NonFiniteSkippingAdamW(torch.optim.AdamW):
+    """AdamW that drops an update whose gradients are not finite (NaN/inf), on every rank together.
+
+    One bad batch (a loss spike overflowing, a corrupt sample) must not turn every weight into NaN. The
+    check sits here, in the optimizer DeepSpeed calls at the accumulation boundary, because only here are the
+    final (reduced, clipped, ZeRO-partitioned) gradients in one place for every ZeRO stage. Ranks hold
+    different ZeRO shards, so the verdict is all-reduced: all ranks skip or none does (otherwise replicas
+    diverge). A skipped update leaves weights and Adam moments untouched; the learning-rate schedule still
+    advances. The loop also sets `bad_loss` (a device flag) when a loss on this rank was not finite.
+    """
+
+    bad_loss: torch.Tensor | None = None
+    last_skipped = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        dev = grads[0].device if grads else torch.device("cpu")
+        bad = torch.zeros((), device=dev)
+        if grads:
+            bad += (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
+        if self.bad_loss is not None:
+            bad += self.bad_loss.to(dev)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.bad_loss = None
+        self.last_skipped = bool(bad.item() > 0)
+        if self.last_skipped:
+            return None
+        return super().step(closure)
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, train: bool = True):
     """deepspeed.initialize with our optimizer and schedule.
 
@@ -255,16 +287,22 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
             cfg.pop("optimizer")
             cfg["zero_allow_untested_optimizer"] = True
 
+            made = []
+
             def make_optimizer(params):
-                return torch.optim.AdamW(params, lr=float(opt["lr"]), betas=tuple(opt.get("betas", (0.9, 0.999))),
-                                         eps=float(opt.get("eps", 1e-8)), weight_decay=float(opt.get("weight_decay", 0.0)),
-                                         fused=True)
+                made.append(NonFiniteSkippingAdamW(
+                    params, lr=float(opt["lr"]), betas=tuple(opt.get("betas", (0.9, 0.999))),
+                    eps=float(opt.get("eps", 1e-8)), weight_decay=float(opt.get("weight_decay", 0.0)), fused=True))
+                return made[-1]
             kwargs["optimizer"] = make_optimizer
         kwargs["lr_scheduler"] = lambda optimizer: build_scheduler(optimizer, **sched)
     else:
         cfg.pop("optimizer", None)
         cfg["zero_optimization"] = {"stage": 0}
     engine, *_ = deepspeed.initialize(model=model, config=cfg, mpu=dims.mpu, **kwargs)
+    # The loop reads `last_skipped` of our optimizer (None with offload: DeepSpeed's CPU Adam, whose
+    # non-finite steps DeepSpeed's own overflow check skips when gradient clipping computes the norm).
+    engine.nonfinite_guard = made[0] if train and not uses_optimizer_offload(cfg) and made else None
     if train and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         _record_fp32_grad_norm(engine)
     if dims.dp == 1 and engine.zero_optimization_stage() == 0:
@@ -334,7 +372,10 @@ def _barrier() -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -371,17 +412,45 @@ def save_checkpoint(engine, save_dir: str, iteration: int, client_state: dict) -
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left over from a crash mid-save
     _barrier()
     engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    _fsync_tree(root / tmp_tag)  # page cache survives SIGKILL, not a power cut: data on disk before the rename
     _barrier()  # every rank's shards are on disk
     if _is_rank0():
+        # Test-only (tests/test_reliability.py): hold here, shards written but not yet renamed, so a test can
+        # SIGKILL the run in the middle of a save. "STEP:SECONDS".
+        slow = os.environ.get("MEGATRON_LITE_TEST_SLOW_SAVE", "")
+        if slow and int(slow.split(":")[0]) == iteration:
+            import time
+            time.sleep(float(slow.split(":")[1]))
         final, trash = root / tag, root / f"trash-{tag}"
         if final.exists():  # the same step saved again (e.g. a rerun into the same folder)
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(final, trash)
         os.replace(root / tmp_tag, final)
         _atomic_write_text(root / "latest", tag)
+        _fsync_dir(root)
         shutil.rmtree(trash, ignore_errors=True)
     _barrier()
     return tag
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under `path` (each rank: its own shards on a node-local disk) and the folders."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def check_checkpoint_dir(path: str) -> str:

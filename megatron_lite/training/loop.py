@@ -9,6 +9,9 @@ c (samples are a pure function of their index). Tensor-parallel ranks of one dp 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -16,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.errors import UserError
 from megatron_lite.training import engine as eng
 
 
@@ -35,10 +39,52 @@ class TrainSettings:
     save_dir: str | None = None
     exit_interval: int = 0  # stop (after saving) once the step count is a multiple of this
     peak_flops: float | None = None  # per rank, for MFU
+    max_bad_steps: int = 10  # stop after this many consecutive steps with non-finite loss/gradients (0: never)
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.dp_size
+
+
+class StopRequest:
+    """SIGTERM / SIGINT during training: finish the current step, save, return normally (exit 0).
+
+    That is what a cluster scheduler's pre-emption expects (SIGTERM, then SIGKILL after a grace period).
+    The handler only sets a flag; the loop acts on it between steps, where the state is consistent, and
+    all-reduces it so every rank stops at the same step even when only one got the signal (the save is
+    collective). A second SIGINT interrupts at once (Ctrl-C twice).
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, dev: torch.device) -> bool:
+        """Collective: True on every rank once any rank got a signal."""
+        flag = torch.tensor(float(self.signum is not None), device=dev)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+def _inject_nan_steps() -> set[int]:
+    """Test-only: MEGATRON_LITE_INJECT_NAN_AT="3,5" makes rank 0's loss NaN at those steps (1-based)."""
+    return {int(x) for x in os.environ.get("MEGATRON_LITE_INJECT_NAN_AT", "").split(",") if x.strip()}
 
 
 def micro_batch(dataset, s: TrainSettings, first_sample: int, micro_step: int, dev: torch.device):
@@ -97,8 +143,13 @@ def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
 
 
 def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, monitor, dp_group,
-          start_iter: int = 0, consumed_samples: int = 0, client_extra: dict | None = None) -> dict:
-    """Run iterations start_iter+1 .. train_iters. Returns the last logged metrics."""
+          start_iter: int = 0, consumed_samples: int = 0, client_extra: dict | None = None,
+          stop: StopRequest | None = None, skipped_steps: int = 0) -> dict:
+    """Run iterations start_iter+1 .. train_iters. Returns the last logged metrics.
+
+    Non-finite loss or gradients: the update is skipped on every rank (see engine.NonFiniteSkippingAdamW;
+    DeepSpeed's own overflow check may skip it first), counted in `skipped_steps`, and after
+    `max_bad_steps` consecutive ones the run stops with a UserError, leaving the last checkpoint as it was."""
     dev = engine.device
     tokens_per_iter = s.global_batch * s.seq_length
     fpt = flops_per_token(config, s.seq_length)
@@ -106,17 +157,21 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
 
     # Running sums since the last log step stay on the device: no host sync until we print.
     loss_sum = torch.zeros((), device=dev)
+    bad_sum = torch.zeros((), device=dev)  # micro-batches with a non-finite loss since the last log
     aux_sum = torch.zeros((), device=dev)
     counts_sum = None
     iters_since_log = n_loss = 0  # n_loss: micro-batches with targets since the last log
     last = {}
     t_log = time.perf_counter()
     t_start, iters_timed = t_log, 0
+    guard = getattr(engine, "nonfinite_guard", None)
+    nan_at = _inject_nan_steps()
+    bad_streak = 0
 
     def save(iteration: int):
         state = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": eng.rng_state(),
                  "model_config": config.to_dict(), "global_batch_size": s.global_batch, "seed": s.seed,
-                 **(client_extra or {})}
+                 "skipped_steps": skipped_steps, **(client_extra or {})}
         tag = eng.save_checkpoint(engine, s.save_dir, iteration, state)
         monitor.print(f"saved checkpoint {s.save_dir}/{tag}")
 
@@ -124,17 +179,26 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
     while it < s.train_iters:
         eng.seed_step(s.seed, s.dp_rank, it)
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances inside step())
+        ds_skipped_before = engine.skipped_steps
+        if guard is not None:
+            guard.bad_loss, guard.last_skipped = None, False
         for m in range(s.grad_accum):
             input_ids, labels, has_targets = micro_batch(train_ds, s, consumed_samples, m, dev)
             out = engine(input_ids, labels)
             # No targets: CE is 0/0 = NaN. Back-propagate an exact zero instead (every rank must still run
             # backward for ZeRO's gradient reduction) and leave the batch out of the logged loss.
             lm_loss = out.loss if has_targets else out.logits.sum() * 0.0
+            if it + 1 in nan_at and s.dp_rank == 0 and m == 0:
+                lm_loss = lm_loss * float("nan")  # test-only injection (MEGATRON_LITE_INJECT_NAN_AT)
             loss = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
             engine.backward(loss)
+            bad = (~torch.isfinite(loss.detach())).float()  # on the device: no host sync per micro-step
+            if guard is not None:  # read by the optimizer at the accumulation boundary, inside engine.step()
+                guard.bad_loss = bad if guard.bad_loss is None else guard.bad_loss + bad
             engine.step()
             if has_targets:
-                loss_sum += out.loss.detach().float()
+                loss_sum += torch.where(bad > 0, 0.0, lm_loss.detach().float())  # keep NaN out of the mean
+                bad_sum += bad
                 n_loss += 1
             if out.aux_loss is not None:
                 aux_sum += out.aux_loss.detach().float()
@@ -144,19 +208,29 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
         consumed_samples += s.global_batch
         iters_since_log += 1
         monitor.advance()
+        # Both verdicts are already agreed over ranks (all-reduced), so every rank takes the same branch.
+        if engine.skipped_steps > ds_skipped_before or (guard is not None and guard.last_skipped):
+            skipped_steps += 1
+            bad_streak += 1
+            monitor.print(f"step {it}: non-finite loss or gradients, update skipped "
+                          f"({bad_streak} in a row, {skipped_steps} in total)")
+        else:
+            bad_streak = 0
 
         metrics = None
         if it % s.log_interval == 0 or it == s.train_iters:
             n = iters_since_log * s.grad_accum
             # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide.
-            stats = _dp_sum(torch.stack([loss_sum, torch.tensor(float(n_loss), device=dev)]), dp_group)
-            loss_v = (stats[0] / stats[1].clamp(min=1)).item()
+            stats = _dp_sum(torch.stack([loss_sum, torch.tensor(float(n_loss), device=dev) - bad_sum]), dp_group)
+            # None when every micro-batch since the last log had a non-finite loss.
+            loss_v = (stats[0] / stats[1]).item() if stats[1] > 0 else None
             now = time.perf_counter()
             tok_s = tokens_per_iter * iters_since_log / (now - t_log)
             iters_timed += iters_since_log
             metrics = {"step": it, "loss": loss_v, "lr": lr,
                        "grad_norm": _to_float(engine.get_global_grad_norm()),
-                       "tokens_per_s": tok_s, "consumed_samples": consumed_samples}
+                       "tokens_per_s": tok_s, "consumed_samples": consumed_samples,
+                       "skipped_steps": skipped_steps}
             if s.peak_flops:
                 metrics["mfu"] = tok_s * fpt / (s.peak_flops * world)
             if config.is_moe:
@@ -166,6 +240,7 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
                 aux_sum.zero_()
                 counts_sum = None
             loss_sum.zero_()
+            bad_sum.zero_()
             iters_since_log = n_loss = 0
             eta = (now - t_start) / iters_timed * (s.train_iters - it)
             t_log = time.perf_counter()
@@ -179,10 +254,26 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
         if metrics is not None:
             monitor.log(metrics, eta_s=eta if "loss" in metrics else None)
             last = metrics
+        if s.max_bad_steps and bad_streak >= s.max_bad_steps:
+            latest = os.path.join(s.save_dir, "latest") if s.save_dir else None
+            kept = (f"the last checkpoint is {s.save_dir}/{open(latest).read().strip()}"
+                    if latest and os.path.exists(latest) else "no checkpoint was saved")
+            raise UserError(f"stopped at step {it}: {bad_streak} consecutive steps had a non-finite loss or "
+                            f"gradients (--max-bad-steps {s.max_bad_steps}); {kept}; lower --lr or check the "
+                            f"data, then resume with --load")
+        saved = False
         if s.save_dir and (s.save_interval and it % s.save_interval == 0 or it == s.train_iters):
             t0 = time.perf_counter()
             save(it)
+            saved = True
             t_log += time.perf_counter() - t0
+        if stop is not None and it < s.train_iters and stop.requested(dev):
+            if s.save_dir and not saved:
+                save(it)
+            name = signal.Signals(stop.signum).name if stop.signum else "a stop signal (on another rank)"
+            monitor.print(f"received {name}: stopping at step {it}"
+                          + (f"; resume with --load {s.save_dir}" if s.save_dir else " (no --save: nothing saved)"))
+            break
         if s.exit_interval and it % s.exit_interval == 0 and it < s.train_iters:
             if s.save_dir and not (s.save_interval and it % s.save_interval == 0):
                 save(it)
@@ -194,4 +285,5 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
 def _to_float(x):
     if x is None:
         return None
-    return float(x.item()) if torch.is_tensor(x) else float(x)
+    x = float(x.item()) if torch.is_tensor(x) else float(x)
+    return x if math.isfinite(x) else None  # a skipped step's norm is NaN/inf: JSON has no such numbers

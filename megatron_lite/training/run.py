@@ -77,6 +77,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=0,
                    help="stop (saving first when --save is set) at the first step divisible by N; resume with --load")
     g.add_argument("--load", default=None, help="resume exactly from this checkpoint folder's 'latest'")
+    g.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many consecutive steps with a non-finite loss or gradients (each is "
+                        "skipped, weights untouched); 0: never stop")
     g.add_argument("--log-interval", type=int, default=1, help="steps between log lines (loss averaged over them)")
     g.add_argument("--eval-interval", type=int, default=0, help="evaluate on the valid split every N steps (0: never)")
     g.add_argument("--eval-iters", type=int, default=2, help="global batches per evaluation")
@@ -99,12 +102,27 @@ def _check_args(a) -> None:
                     "--grad-accum": a.grad_accum}.items():
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
-    if min(a.save_interval, a.eval_interval, a.eval_iters, a.exit_interval) < 0:
-        raise UserError("--save-interval, --eval-interval, --eval-iters and --exit-interval must be >= 0")
+    if min(a.save_interval, a.eval_interval, a.eval_iters, a.exit_interval, a.max_bad_steps) < 0:
+        raise UserError("--save-interval, --eval-interval, --eval-iters, --exit-interval and --max-bad-steps "
+                        "must be >= 0")
     if a.lr is not None and a.lr < 0 or a.min_lr is not None and a.min_lr < 0:
         raise UserError("--lr and --min-lr must be >= 0")
     if a.load and not os.path.isdir(a.load):
         raise UserError(f"--load {a.load}: checkpoint folder does not exist")
+
+
+def _check_data(kind: str, data_path: list[str], vocab_size: int) -> None:
+    from megatron_lite.data.gpt_dataset import parse_data_path
+    from megatron_lite.data.indexed_dataset import IndexedDataset
+    from megatron_lite.data.sft_dataset import sft_prefixes
+
+    prefixes, _ = parse_data_path(data_path)
+    for prefix in prefixes:
+        names = sft_prefixes(prefix) if kind == "sft" else (prefix,)
+        for name in names:
+            ds = IndexedDataset(name)
+            if name == names[0]:
+                ds.check_vocab(vocab_size)
 
 
 def _peak_flops(a) -> float | None:
@@ -131,7 +149,7 @@ def main(kind: str, argv=None) -> dict:
     from megatron_lite.data.tokenizer import load_tokenizer
     from megatron_lite.parallel import ParallelDims
     from megatron_lite.training import engine as eng
-    from megatron_lite.training.loop import TrainSettings, train
+    from megatron_lite.training.loop import StopRequest, TrainSettings, train
     from megatron_lite.training.monitor import Monitor
 
     a = build_parser(kind).parse_args(argv)
@@ -146,6 +164,9 @@ def main(kind: str, argv=None) -> dict:
         if pad_vocab_size(len(tokenizer)) > config.vocab_size:
             raise UserError(f"tokenizer {tok_dir} has {len(tokenizer)} tokens, more than the pretrained "
                             f"model's vocab_size {config.vocab_size}")
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"tokenizer {tok_dir} has no chat_template, which SFT data and chat need; use a "
+                            f"tokenizer from tools/train_tokenizer.py (ChatML) or add one to its tokenizer_config.json")
         if a.model and get_preset(a.model, vocab_size=config.vocab_size).replace(name=config.name) != config:
             raise UserError(f"--model {a.model} differs from the model in --pretrained {a.pretrained}; drop --model")
     else:
@@ -175,7 +196,10 @@ def main(kind: str, argv=None) -> dict:
                       grad_accum=ds_config["gradient_accumulation_steps"], dp_size=dims.dp, dp_rank=dims.dp_rank,
                       seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
                       eval_interval=a.eval_interval, eval_iters=a.eval_iters, save_interval=a.save_interval,
-                      save_dir=a.save, exit_interval=a.exit_interval)
+                      save_dir=a.save, exit_interval=a.exit_interval, max_bad_steps=a.max_bad_steps)
+    # Open every dataset now, before DeepSpeed starts: a missing, truncated or corrupt .bin/.idx, or token ids
+    # the tokenizer cannot have produced, is one error line before anything is half-started or printed.
+    _check_data(kind, a.data_path, len(tokenizer))
 
     from deepspeed.utils import logger as ds_logger
 
@@ -204,10 +228,11 @@ def main(kind: str, argv=None) -> dict:
     model = eng.build_model(config, dims, a.seed)
     engine = eng.build_engine(model, ds_config, dims)
 
-    start_iter, consumed = 0, 0
+    start_iter, consumed, skipped = 0, 0, 0
     if a.load:
         client = eng.load_checkpoint(engine, a.load, config)
         start_iter, consumed = int(client["iteration"]), int(client["consumed_samples"])
+        skipped = int(client.get("skipped_steps", 0))
         eng.set_rng_state(client["rng"])
         if is_rank0:
             print(f"resumed from {a.load} at step {start_iter} ({consumed} samples consumed)")
@@ -226,7 +251,9 @@ def main(kind: str, argv=None) -> dict:
                       wandb_project=a.wandb_project or wandb_cfg.get("project"), wandb_dir=a.save,
                       run_config=run_config, wandb_name=a.wandb_name)
     try:
-        last = train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, start_iter, consumed)
+        with StopRequest() as stop:  # SIGTERM/SIGINT: save at the current step and exit 0
+            last = train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, start_iter, consumed,
+                         stop=stop, skipped_steps=skipped)
     finally:
         monitor.close()
     return last
