@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -37,15 +38,54 @@ def time_steps(step, warmup: int, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def time_interleaved(steps: dict, warmup: int, repeats: int, inner: int = 1) -> dict:
+    """Median and spread of seconds per call for several `step()`s timed turn about (A B C, C B A, ...).
+
+    On a shared machine the load drifts; alternating the variants in one process exposes each to the same
+    drift, so their *ratio* stays meaningful even when the absolute numbers do not.
+    Returns {name: {"median": s, "min": s, "max": s, "n": repeats}}.
+    """
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    times = {name: [] for name in steps}
+    for r in range(repeats):
+        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+            t = time.perf_counter()
+            for _ in range(inner):
+                steps[name]()
+            times[name].append((time.perf_counter() - t) / inner)
+    return {name: {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+            for name, ts in times.items()}
+
+
+def row(benchmark: str, ours: float, peer: float | None, unit: str, ratio: float | None = None,
+        target: float | None = None, higher_is_better: bool = True, note: str = "", **extra) -> dict:
+    """One line of benchmarks/results.md: the fields run_all.py reads from every result JSON's "rows".
+
+    ratio defaults to ours / peer; `met` compares it with `target` (>= when higher is better, else <=).
+    `extra` fields (e.g. the ratio of the fastest repeats, less sensitive to load) ride along unread."""
+    if ratio is None and peer:
+        ratio = ours / peer
+    met = None
+    if target is not None and ratio is not None:
+        met = bool(ratio >= target) if higher_is_better else bool(ratio <= target)
+    return {"benchmark": benchmark, "ours": ours, "peer": peer, "unit": unit, "ratio": ratio,
+            "target": target, "target_op": ">=" if higher_is_better else "<=", "met": met, "note": note, **extra}
+
+
 def machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (None,)
     return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "cores": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_avg_1min": load[0]}  # > cores means other work shared the machine: trust ratios, not absolutes
 
 
-def save_result(name: str, result: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def save_result(name: str, result: dict, results_dir: str | Path | None = None) -> Path:
+    out = Path(results_dir) if results_dir else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     print(f"wrote {path}")
     return path

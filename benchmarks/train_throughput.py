@@ -1,0 +1,404 @@
+#!/usr/bin/env python
+"""Training throughput: our GPT through our DeepSpeed engine vs HF LlamaForCausalLM of identical shape.
+
+    python benchmarks/train_throughput.py            # small (~25M) and tiny presets, 2-rank ZeRO-2 scaling
+    python benchmarks/train_throughput.py --quick    # tiny only, fewer repeats (about a minute)
+
+Variants, all timed turn about in one process (A B C, C B A, ...) on the same fixed batch, medians reported:
+  ours        GPT -> megatron_lite.training.engine.build_engine (ZeRO-2 json, torch fused AdamW, clip 1.0)
+  ours+compile the same with the module compiled in place (`model.compile()`) before the engine wraps it
+  ours-zero0  the same engine with ZeRO stage 0 (no flat fp32 partition copy)
+  plain       our GPT + torch.optim.AdamW(fused) + clip_grad_norm_ with no engine (engine overhead = plain/ours)
+  hf          transformers LlamaForCausalLM (attn_implementation="sdpa"), our weights copied in,
+              torch.optim.AdamW(fused) + clip_grad_norm_(1.0): what a plain HF/PyTorch loop does
+Every step is forward + backward + clip + AdamW step + zero_grad at micro batch 8 x seq 256, fp32.
+
+FLOPs per token = 6 N + 12 L d T (PaLM / Megatron / nanoGPT), N = every parameter a matmul touches: all
+weights incl. the tied embedding, counted once as the output head (the input lookup does no FLOPs),
+= megatron_lite.training.loop.flops_per_token. MFU = tokens/s x FLOPs/token / fp32 GEMM peak measured now.
+
+Data parallel (unless --no-dp): this script relaunches itself in --worker-dp mode, alternately 1 rank with 2 threads and
+2 ranks (torch.distributed.run, gloo) with OMP_NUM_THREADS=1 each, both ZeRO-2 at the same global batch;
+the figure is aggregate tokens/s of 2 ranks / 1 rank (target >= 90 %).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.common import machine, measure_gemm_peak, row, save_result, time_interleaved, time_steps  # noqa: E402
+
+ZERO2 = os.path.join(ROOT, "ds_configs", "zero2.json")
+ZERO0 = os.path.join(ROOT, "ds_configs", "zero0.json")
+LR, BETAS, WD, CLIP = 1e-3, (0.9, 0.95), 0.1, 1.0  # = ds_configs/zero2.json
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+def quiet_deepspeed():
+    import logging
+
+    from deepspeed.utils import logger
+    logger.setLevel(logging.WARNING)
+
+
+def single_process_dims():
+    """torch.distributed as a world of one (what `python launch/pretrain.py` does) and its ParallelDims."""
+    from megatron_lite.parallel import ParallelDims
+    from megatron_lite.training import engine as eng
+
+    quiet_deepspeed()
+    eng.init_distributed()
+    return ParallelDims.from_world(torch.distributed.get_world_size()).build()
+
+
+def make_batch(config, batch: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # (B, T) inputs, labels aligned to positions
+
+
+def ours_engine(config, dims, batch: int, ds_config: str = ZERO2, compile: bool = False, seed: int = 1234):
+    """(engine, step) through the same calls launch/pretrain.py makes."""
+    from megatron_lite.training import engine as eng
+
+    cfg = eng.resolve_ds_config(eng.load_ds_config(ds_config), dims.dp, micro_batch_size=batch, lr=LR,
+                                weight_decay=WD, grad_clip=CLIP, train_iters=10**6)
+    model = eng.build_model(config, dims, seed)
+    if compile:
+        model.compile()  # in place: state_dict names (and so checkpoints) stay those of the eager model
+    engine = eng.build_engine(model, cfg, dims)
+
+    def step(x, y):
+        out = engine(x, y)
+        engine.backward(out.loss if out.aux_loss is None else out.loss + out.aux_loss)
+        engine.step()
+        return out.loss
+    return engine, step
+
+
+def plain_step(model, fused: bool = True, foreach: bool | None = None):
+    """model(x, y).loss -> backward -> clip -> AdamW, the loop every PyTorch tutorial writes."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS, fused=fused or None, foreach=None if fused else foreach)
+    params = list(model.parameters())
+
+    def step(x, y):
+        loss = model(x, labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def hf_llama(config, our_model):
+    """LlamaForCausalLM of the same shape holding a copy of `our_model`'s weights (SDPA attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_lite.convert.hf import hf_config_dict, to_hf_state_dict
+
+    d = hf_config_dict(config)
+    d.pop("architectures", None), d.pop("model_type", None)
+    hf = LlamaForCausalLM(LlamaConfig(**d, attn_implementation="sdpa"))
+    sd = {k: v.clone() for k, v in to_hf_state_dict(config, our_model.state_dict()).items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf.train()
+
+
+def hf_step(hf):
+    inner = plain_step(hf)
+
+    def step(x, y):
+        # HF shifts labels itself: hand it the inputs as labels (same tokens, T-1 predictions per row).
+        return inner(x, x)
+    return step
+
+
+def check_same_logits(ours, hf, x) -> float:
+    with torch.no_grad():
+        a = ours(x).logits
+        b = hf(input_ids=x).logits
+    return float((a - b).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+def flops_per_token(config, seq: int) -> float:
+    from megatron_lite.training.loop import flops_per_token as fpt
+    return fpt(config, seq)
+
+
+def compare(config, batch: int = 8, seq: int = 256, warmup: int = 2, repeats: int = 7,
+            variants=("ours", "plain", "hf"), dims=None, log=print) -> dict:
+    """Time the chosen variants turn about; return tokens/s etc. per variant and the logits check."""
+    dims = dims or single_process_dims()
+    x, y = make_batch(config, batch, seq)
+    steps, build_s = {}, {}
+    ref_model = None
+    for name in variants:
+        t = time.perf_counter()
+        if name in ("ours", "ours+compile", "ours-zero0"):
+            engine, st = ours_engine(config, dims, batch, ds_config=ZERO0 if name == "ours-zero0" else ZERO2,
+                                     compile=name == "ours+compile")
+            ref_model = ref_model or engine.module
+        elif name == "plain":
+            from megatron_lite.training.engine import build_model
+            model = build_model(config, dims, 1234)
+            ref_model = ref_model or model
+            st = plain_step(model)
+        elif name == "hf":
+            from megatron_lite.training.engine import build_model
+            src = ref_model or build_model(config, dims, 1234)
+            hf = hf_llama(config, src)
+            max_diff = check_same_logits(src, hf, x[:1])
+            log(f"  hf: max |logits(ours) - logits(hf)| = {max_diff:.2e} (same weights)")
+            st = hf_step(hf)
+        else:
+            raise ValueError(f"unknown variant {name!r}")
+        steps[name] = (lambda st=st: st(x, y))
+        build_s[name] = time.perf_counter() - t
+    # Warm-up runs first (torch.compile compiles here) and is reported separately.
+    t_first = {}
+    for name, f in steps.items():
+        t = time.perf_counter()
+        f()
+        t_first[name] = time.perf_counter() - t
+    timing = time_interleaved(steps, warmup=warmup, repeats=repeats)
+    tokens = batch * seq
+    out = {}
+    for name, tm in timing.items():
+        out[name] = {"step_s": tm["median"], "step_s_min": tm["min"], "step_s_max": tm["max"],
+                     "tokens_per_s": tokens / tm["median"], "build_s": build_s[name], "first_step_s": t_first[name]}
+    if "hf" in variants:
+        out["hf"]["max_logit_diff_vs_ours"] = max_diff
+    return out
+
+
+def optimizer_step_bench(config, repeats: int = 10) -> dict:
+    """Seconds per AdamW.step() over the model's parameters: fused vs foreach vs for-loop kernels."""
+    from megatron_lite.model.gpt import GPT
+
+    model = GPT(config)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    res = {}
+    steps = {}
+    for kind in ("fused", "foreach", "for-loop"):
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD,
+                                fused=True if kind == "fused" else None,
+                                foreach=None if kind == "fused" else kind == "foreach")
+        steps[kind] = opt.step
+    for k, v in time_interleaved(steps, warmup=2, repeats=repeats).items():
+        res[k] = v["median"]
+    return res
+
+
+def sdpa_gqa_bench(config, batch: int, seq: int, repeats: int = 10) -> dict:
+    """Seconds per attention forward+backward for one layer's shapes: SDPA enable_gqa (ours) vs k/v
+    repeated to all heads first (HF's repeat_kv) vs the math kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, KV, D = config.num_heads, config.num_kv_heads, config.head_dim
+    q = torch.randn(batch, H, seq, D, requires_grad=True)
+    k = torch.randn(batch, KV, seq, D, requires_grad=True)
+    v = torch.randn(batch, KV, seq, D, requires_grad=True)
+    g = torch.randn(batch, H, seq, D)
+
+    def gqa():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV).backward(g)
+
+    def repeat():
+        r = H // KV
+        F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1),
+                                       is_causal=True).backward(g)
+
+    def math():
+        with sdpa_kernel(SDPBackend.MATH):
+            gqa()
+    return {k_: v_["median"] for k_, v_ in time_interleaved(
+        {"sdpa_enable_gqa": gqa, "sdpa_repeat_kv": repeat, "sdpa_math": math}, warmup=2, repeats=repeats).items()}
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+
+def worker_dp(a) -> None:
+    """One rank of the scaling test (run by --dp via torch.distributed.run or plain python)."""
+    from megatron_lite.config import get_preset
+    from megatron_lite.parallel import ParallelDims
+    from megatron_lite.training import engine as eng
+
+    quiet_deepspeed()
+    rank, world = eng.init_distributed()
+    dims = ParallelDims.from_world(world).build()
+    config = get_preset(a.preset)
+    engine, step = ours_engine(config, dims, a.micro_batch)
+    x, y = make_batch(config, a.micro_batch, a.seq_length, seed=rank)
+    sec = time_steps(lambda: step(x, y), warmup=a.warmup, iters=a.steps)
+    t = torch.tensor([sec])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
+    if rank == 0:
+        with open(a.worker_out, "w") as f:
+            json.dump({"world": world, "threads": torch.get_num_threads(), "micro_batch": a.micro_batch,
+                       "step_s": float(t), "tokens_per_s": world * a.micro_batch * a.seq_length / float(t)}, f)
+
+
+def dp_scaling(preset: str, global_batch: int, seq: int, steps: int, warmup: int, repeats: int, log=print) -> dict:
+    """Alternate 1-rank (2 threads) and 2-rank (1 thread each) ZeRO-2 runs; medians of aggregate tokens/s."""
+    me = os.path.abspath(__file__)
+    runs = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for world in ((1, 2) if r % 2 == 0 else (2, 1)):
+                out = os.path.join(tmp, f"dp{world}_{r}.json")
+                args = ["--worker-dp", "--preset", preset, "--micro-batch", str(global_batch // world),
+                        "--seq-length", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--worker-out", out]
+                env = {**os.environ, "OMP_NUM_THREADS": str(2 // world), "PYTHONPATH": ROOT}
+                if world == 1:
+                    cmd = [sys.executable, me, *args]
+                else:
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", me, *args]
+                p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+                if p.returncode:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+                with open(out) as f:
+                    res = json.load(f)
+                runs[world].append(res["tokens_per_s"])
+                log(f"  dp run {r}: {world} rank(s) x {res['threads']} thread(s): {res['tokens_per_s']:.0f} tok/s")
+    one, two = statistics.median(runs[1]), statistics.median(runs[2])
+    return {"preset": preset, "global_batch": global_batch, "seq_length": seq, "tokens_per_s_1rank": one,
+            "tokens_per_s_2ranks": two, "runs": runs, "efficiency": two / one}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def run(presets, batch, seq, warmup, repeats, compile_presets=(), zero0=True, dp=None, micro=False,
+        results_dir=None, log=print, config_overrides=None, gemm_n: int = 2048) -> dict:
+    """Measure everything asked for and write results_dir/train_throughput.json; returns the dict."""
+    from megatron_lite.config import get_preset
+
+    dims = single_process_dims()
+    peak = measure_gemm_peak(gemm_n)
+    log(f"fp32 GEMM peak now: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    result = {"batch": batch, "seq_length": seq, "repeats": repeats,
+              "flops_per_token_formula": "6*N + 12*L*d*T; N = all params a matmul touches (tied embedding "
+                                         "counted once, as the output head)",
+              "presets": {}, "rows": []}
+    for preset in presets:
+        config = get_preset(preset, **(config_overrides or {}))
+        variants = ["ours", "plain", "hf"]
+        if zero0:
+            variants.insert(1, "ours-zero0")
+        if preset in compile_presets:
+            variants.insert(1, "ours+compile")
+        log(f"{preset}: {config.num_params() / 1e6:.1f}M params, batch {batch} x {seq}, variants {variants}")
+        res = compare(config, batch, seq, warmup, repeats, variants, dims, log)
+        fpt = flops_per_token(config, seq)
+        for name, r in res.items():
+            r["mfu"] = r["tokens_per_s"] * fpt / peak
+            log(f"  {name:13s} {r['tokens_per_s']:8.0f} tok/s  MFU {r['mfu']:6.1%}  step {r['step_s'] * 1e3:7.1f} ms "
+                f"[{r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f}]  first step {r['first_step_s']:.1f} s")
+        best = max((n for n in res if n.startswith("ours")), key=lambda n: res[n]["tokens_per_s"])
+        ours, hf = res["ours"], res["hf"]
+
+        def best_ratio(a, b):  # ratio of the fastest repeats: under load less noisy than the medians
+            return res[b]["step_s_min"] / res[a]["step_s_min"]
+        rows = [row(f"train {preset}: ours (engine) vs HF Llama", ours["tokens_per_s"], hf["tokens_per_s"], "tok/s",
+                    target=1.1, ratio_of_fastest=best_ratio("ours", "hf")),
+                row(f"train {preset}: MFU ours (engine)", ours["mfu"], None, "fraction", ratio=ours["mfu"], target=0.85),
+                row(f"train {preset}: MFU HF Llama", hf["mfu"], None, "fraction", ratio=hf["mfu"]),
+                row(f"train {preset}: engine overhead (ours engine / plain loop)", ours["tokens_per_s"],
+                    res["plain"]["tokens_per_s"], "tok/s", ratio_of_fastest=best_ratio("ours", "plain"))]
+        if "ours-zero0" in res:
+            rows.append(row(f"train {preset}: engine ZeRO-0 vs ZeRO-2 (1 process)", res["ours-zero0"]["tokens_per_s"],
+                            ours["tokens_per_s"], "tok/s", ratio_of_fastest=best_ratio("ours-zero0", "ours")))
+        if "ours+compile" in res:
+            rows.append(row(f"train {preset}: ours+compile vs HF Llama", res["ours+compile"]["tokens_per_s"],
+                            hf["tokens_per_s"], "tok/s", target=1.1, ratio_of_fastest=best_ratio("ours+compile", "hf")))
+        for rw in rows:
+            log(f"  -> {rw['benchmark']}: ratio {rw['ratio']:.3f}" + (
+                f" (fastest repeats: {rw['ratio_of_fastest']:.3f})" if "ratio_of_fastest" in rw else "") + (
+                f" (target {rw['target_op']} {rw['target']}: {'met' if rw['met'] else 'NOT met'})" if rw["target"] else ""))
+        result["presets"][preset] = {"params": config.num_params(), "flops_per_token": fpt, "variants": res,
+                                     "best_ours_variant": best}
+        result["rows"] += rows
+    result["gemm_peak_flops"] = max(peak, measure_gemm_peak(gemm_n))  # best of before/after: less load noise
+    if micro:
+        config = get_preset(presets[0], **(config_overrides or {}))
+        result["optimizer_step_s"] = optimizer_step_bench(config, repeats)
+        result["attention_fwd_bwd_s"] = sdpa_gqa_bench(config, batch, seq, repeats)
+        log(f"AdamW.step() s: {json.dumps({k: round(v, 4) for k, v in result['optimizer_step_s'].items()})}")
+        log(f"one layer's attention fwd+bwd s: {json.dumps({k: round(v, 4) for k, v in result['attention_fwd_bwd_s'].items()})}")
+    if dp:
+        d = dp_scaling(**dp, log=log)
+        result["data_parallel"] = d
+        rw = row(f"train {d['preset']}: ZeRO-2 2 ranks x 1 thread vs 1 rank x 2 threads", d["tokens_per_s_2ranks"],
+                 d["tokens_per_s_1rank"], "tok/s", target=0.9)
+        log(f"  -> {rw['benchmark']}: {rw['ratio']:.3f} (target >= 0.9: {'met' if rw['met'] else 'NOT met'})")
+        result["rows"].append(rw)
+    save_result("train_throughput", result, results_dir)
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny preset only, 3 repeats, dp test on tiny: ~1-2 min")
+    p.add_argument("--presets", nargs="+", default=None, help="model presets to compare (default: small tiny)")
+    p.add_argument("--batch", type=int, default=8, help="micro batch size (sequences per step), default 8")
+    p.add_argument("--seq-length", type=int, default=256, help="tokens per sequence, default 256")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after the first, default 1")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 7; quick 3)")
+    p.add_argument("--compile", nargs="*", default=None, metavar="PRESET",
+                   help="presets to also time with torch.compile (default: all full-mode presets; none with --quick; "
+                        "bare --compile = all presets)")
+    p.add_argument("--no-zero0", action="store_true", help="skip the ZeRO stage-0 engine variant")
+    p.add_argument("--no-micro", action="store_true", help="skip the AdamW-kernel and SDPA-GQA micro benchmarks")
+    p.add_argument("--no-dp", action="store_true", help="skip the 2-rank ZeRO-2 scaling test")
+    p.add_argument("--dp-preset", default=None, help="preset for the scaling test (default small; quick tiny)")
+    p.add_argument("--dp-repeats", type=int, default=None, help="launches per world size, alternated (default 2)")
+    p.add_argument("--dp-steps", type=int, default=None, help="timed steps per launch (default 5; quick 3)")
+    p.add_argument("--results-dir", default=None, help="where train_throughput.json goes (default benchmarks/results)")
+    # internal: one rank of the scaling test
+    p.add_argument("--worker-dp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--preset", default="tiny", help=argparse.SUPPRESS)
+    p.add_argument("--micro-batch", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker_dp:
+        return worker_dp(a)
+    presets = a.presets or (["tiny"] if a.quick else ["small", "tiny"])
+    repeats = a.repeats or (3 if a.quick else 7)
+    if a.compile is None:
+        compile_presets = [] if a.quick else presets
+    else:
+        compile_presets = a.compile or presets
+    dp = None if a.no_dp else dict(preset=a.dp_preset or ("tiny" if a.quick else "small"), global_batch=a.batch,
+                                   seq=a.seq_length, steps=a.dp_steps or (3 if a.quick else 5), warmup=1,
+                                   repeats=a.dp_repeats or 2)
+    run(presets, a.batch, a.seq_length, a.warmup, repeats, compile_presets, not a.no_zero0, dp,
+        micro=not a.no_micro, results_dir=a.results_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark scripts' core functions on a micro model (1 timed step, no timing asserts):
+the JSON they write has the fields benchmarks/run_all.py reads, and run_all turns it into a table and plots."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO = dict(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=256, max_seq_len=64)
+ROW_FIELDS = {"benchmark", "ours", "peer", "unit", "ratio", "target", "target_op", "met"}
+
+SCRIPT = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from benchmarks import train_throughput, moe_overhead
+out = sys.argv[1]
+quiet = lambda *a, **k: None
+train_throughput.run(["tiny"], batch=2, seq=16, warmup=0, repeats=1, zero0=False, micro=False, results_dir=out,
+                     log=quiet, config_overrides=dict({MICRO!r}, ffn_hidden_size=128), gemm_n=128)
+moe_overhead.run("tiny-moe", batch=2, seq=16, warmup=0, repeats=1, ablations=False, results_dir=out, log=quiet,
+                 **dict({MICRO!r}, ffn_hidden_size=64))
+"""
+
+
+def test_benchmark_core_functions_write_run_all_fields(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+
+    train = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert {"ours", "plain", "hf"} <= set(train["presets"]["tiny"]["variants"])
+    v = train["presets"]["tiny"]["variants"]
+    assert v["hf"]["max_logit_diff_vs_ours"] < 1e-4  # HF got exactly our weights
+    assert all(x["tokens_per_s"] > 0 and 0 < x["mfu"] for x in v.values())
+    moe = json.loads((tmp_path / "moe_overhead.json").read_text())
+    assert {"moe", "dense"} <= set(moe["variants"])
+    assert moe["variants"]["moe"]["active_params"] == moe["variants"]["dense"]["active_params"] + 64 * 4 * 2  # + router and noise weights
+    for data in (train, moe):
+        assert "machine" in data and data["rows"]
+        for r in data["rows"]:
+            assert ROW_FIELDS <= set(r), r
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import run_all
+    rows = run_all.rows_of("train_throughput", train) + run_all.rows_of("moe_overhead", moe)
+    assert any(r["target"] == 1.1 for r in rows) and any(r["target"] == 1.3 for r in rows)
+    run_all.RESULTS = tmp_path  # plot into tmp, not benchmarks/results
+    assert run_all.plot_ratios("moe_overhead", moe["rows"]).exists()
+    assert run_all.plot_variants("train_throughput", train).exists()
