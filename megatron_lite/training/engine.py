@@ -464,7 +464,34 @@ def check_checkpoint_dir(path: str) -> str:
     tag = latest.read_text().strip()
     if not (root / tag / "mp_rank_00_model_states.pt").exists():
         raise UserError(f"{path}/latest names {tag!r}, which has no mp_rank_00_model_states.pt")
+    check_pickle_globals(root / tag)
     return tag
+
+
+# What DeepSpeed's own files reference besides tensors and containers (ZeRO optimizer states).
+_DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
+def check_pickle_globals(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose pickles name anything but tensors, containers and DeepSpeed's own types.
+
+    DeepSpeed's `load_checkpoint` unpickles with weights_only=False (its optimizer states hold DeepSpeed
+    classes), and unpickling can run any code a file names (`os.system` in a `__reduce__`). This scan reads
+    only each file's pickle opcodes, never executes them, so a tampered checkpoint is refused before
+    DeepSpeed touches it.
+    """
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for f in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            unsafe = set(get_unsafe_globals_in_checkpoint(f)) - _DEEPSPEED_GLOBALS
+        except Exception as e:  # not a torch zip archive (truncated, or a raw pickle)
+            raise UserError(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                            f"the checkpoint is corrupt, resume from an earlier one") from None
+        if unsafe:
+            raise UserError(f"{f} references {', '.join(sorted(unsafe))}, which loading would execute; refusing "
+                            f"it (only load checkpoints written by megatron_lite/DeepSpeed)")
 
 
 def check_same_model(path: str, config: ModelConfig) -> None:
