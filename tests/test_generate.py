@@ -40,6 +40,11 @@ def test_batched_left_padded_equals_one_by_one(model):
     for text, c in zip(PROMPTS, batched):
         alone = generate(model, TOK, [text], max_new_tokens=16, greedy=True, stop_at_eos=False)[0]
         assert c.token_ids == alone.token_ids and c.text == alone.text
+    # The repetition penalty only counts a row's own prompt and output, never the padding.
+    pen = generate(model, TOK, PROMPTS, max_new_tokens=8, greedy=True, repetition_penalty=1.5, stop_at_eos=False)
+    for text, c in zip(PROMPTS, pen):
+        alone = generate(model, TOK, [text], max_new_tokens=8, greedy=True, repetition_penalty=1.5, stop_at_eos=False)
+        assert c.token_ids == alone[0].token_ids
 
 
 def test_seeded_sampling_is_reproducible(model):

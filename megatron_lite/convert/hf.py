@@ -175,7 +175,7 @@ def save_hf_folder(out_dir: str | Path, cfg: ModelConfig, sd: dict[str, torch.Te
     conf["dtype"] = str(next(iter(hf_sd.values())).dtype).removeprefix("torch.")
     conf["transformers_version"] = _transformers_version()
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    gen = {"do_sample": False, "max_length": cfg.max_seq_len}
+    gen = {"do_sample": False}
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         gen.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -185,7 +185,8 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
     if p.repetition_penalty != 1.0:
         vocab = model.config.vocab_size
         seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, mask.bool())
+        for i, x in enumerate(prompts):  # prompt tokens only, never the padding
+            seen[i, torch.tensor(x, device=device)] = True
     gen = None
     if not p.is_greedy:
         gen = torch.Generator(device=device)
