@@ -51,3 +51,44 @@ def test_bad_folders_give_user_errors(tmp_path):
     (ckpt / "global_step7" / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         load_model(ckpt)
+
+
+DS_LOAD = r'''
+import os, sys, torch, deepspeed
+from megatron_lite.config import ModelConfig
+from megatron_lite.model.gpt import GPT
+from megatron_lite.checkpoint_io import load_full_state_dict
+path = sys.argv[1]
+torch.manual_seed(123)
+model = GPT(ModelConfig.load(path))
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+tag = open(os.path.join(path, "latest")).read().strip()
+loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_only=True, load_optimizer_states=False,
+                                   load_lr_scheduler_states=False)
+assert loaded is not None
+_, sd = load_full_state_dict(path)
+got = engine.module.state_dict()
+assert sd.keys() == got.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+print("DS-LOAD-OK")
+'''
+
+
+def test_written_checkpoint_loads_in_deepspeed(tmp_path):
+    """What convert_from_hf writes is a checkpoint DeepSpeed itself restores (SFT --pretrained from HF)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    ckpt, _, _ = make_checkpoint(tmp_path / "ckpt", moe=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", DS_LOAD, str(ckpt)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert "DS-LOAD-OK" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
