@@ -102,3 +102,16 @@ def test_router_noise_only_while_training():
     assert torch.equal(y1, y2)
     torch.testing.assert_close(y1, reference_moe(moe, x, 2), rtol=0, atol=1e-5)
     assert (noisy1 - y1).abs().max() > 1e-3
+
+
+def test_eval_fast_path_equals_deepspeed_dispatch():
+    """Eval skips DeepSpeed's dispatch on a single rank; with no noise and no dropping both must agree."""
+    moe = make_moe(topk=2, router_noise=False, drop_tokens=False)
+    x = torch.randn(3, 11, 16)
+    moe.train()
+    y_ds, aux_ds, counts_ds = moe(x)
+    moe.eval()
+    y_fast, aux_fast, counts_fast = moe(x)
+    torch.testing.assert_close(y_fast, y_ds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(aux_fast, aux_ds)
+    assert counts_fast.tolist() == counts_ds.tolist()

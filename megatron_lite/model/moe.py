@@ -66,12 +66,16 @@ class NoisyTopKGate(TopKGate):
         drop = self.drop_tokens and self.training
         out = topkgating(logits, self.k, self.capacity_factor, self.min_capacity, drop_tokens=drop,
                          ep_group=self.ep_group, sparse_routes=sparse_routes)
+        return (self.aux_loss(logits, logits.topk(self.k, dim=-1).indices),) + tuple(out[1:])
+
+    def aux_loss(self, logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """Weighted balancing loss (+ z-loss) of (S, E) router logits whose chosen experts are topk_idx (S, k)."""
         probs = F.softmax(logits, dim=-1)
-        topk_mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, logits.topk(self.k, dim=-1).indices, True)
+        topk_mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, topk_idx, True)
         aux = self.aux_loss_coeff * load_balancing_loss(probs, topk_mask, self.aux_loss_type)
         if self.z_loss_coeff > 0:
             aux = aux + self.z_loss_coeff * router_z_loss(logits)
-        return (aux,) + tuple(out[1:])
+        return aux
 
 
 class MoEFeedForward(nn.Module):
@@ -96,5 +100,22 @@ class MoEFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """(B, T, C) -> (B, T, C), weighted aux loss (scalar), tokens routed to each expert (E,)."""
+        if not self.training and self.moe.ep_size == 1:
+            return self._eval_forward(x)
         y, aux, counts = self.moe(x)
         return y, aux, counts
+
+    def _eval_forward(self, x: torch.Tensor):
+        """Inference with every expert on this rank: the same result as DeepSpeed's no-drop dispatch, but each
+        expert only sees its own tokens, so one decoded token runs k experts instead of all E."""
+        gate = self.gate
+        flat = x.reshape(-1, x.shape[-1])  # (S, C)
+        logits = F.linear(flat.float(), gate.wg.weight.float())  # (S, E)
+        top = logits.topk(gate.k, dim=-1)
+        weights = F.softmax(top.values, dim=-1)  # (S, k): softmax over the chosen logits, as Mixtral
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        counts = torch.bincount(top.indices.flatten(), minlength=self.num_experts)
+        for e in counts.nonzero().flatten().tolist():
+            token, slot = (top.indices == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, self.local_experts[e](flat[token]).float() * weights[token, slot, None])
+        return out.to(x.dtype).view_as(x), gate.aux_loss(logits, top.indices), counts
