@@ -57,8 +57,15 @@ def wait_for(cond, proc: subprocess.Popen, log: Path, what: str, limit_s: float 
 
 
 def rank_processes(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [c for c in psutil.Process(proc.pid).children(recursive=True)
-            if any("pretrain.py" in a for a in c.cmdline())]
+    out = []
+    for c in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = c.cmdline()
+        except psutil.Error:  # a short-lived helper process that just exited
+            continue
+        if any(a.startswith("--local_rank=") for a in cmd) and any("pretrain.py" in a for a in cmd):
+            out.append(c)
+    return out
 
 
 def wait_ranks(proc) -> list[psutil.Process]:
