@@ -30,6 +30,11 @@ def main(argv=None):
                     help="largest max_tokens a request may ask for (default: the model's max_seq_len)")
     ap.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 above)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="longest prompt accepted (default: the model's max_seq_len - 1; 400 above)")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds a request may wait for the model before a 503 (bodies: 30 s, then 408)")
+    ap.add_argument("--max-concurrency", type=int, default=64, help="open connections before 503s")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn log level")
     args = ap.parse_args(argv)
@@ -42,8 +47,14 @@ def main(argv=None):
         with contextlib.redirect_stdout(sys.stderr):
             model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
         limit = args.max_tokens_limit or model.config.max_seq_len
+        for flag, v in (("--max-tokens-limit", limit), ("--max-body-bytes", args.max_body_bytes),
+                        ("--timeout", args.timeout), ("--max-concurrency", args.max_concurrency),
+                        ("--max-prompt-tokens", args.max_prompt_tokens or 1)):
+            if v <= 0:
+                raise UserError(f"{flag} must be > 0, got {v}")
         limits = Limits(max_tokens=limit, default_max_tokens=min(args.default_max_tokens, limit),
-                        max_body_bytes=args.max_body_bytes)
+                        max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                        queue_timeout_s=args.timeout, max_concurrency=args.max_concurrency)
         name = args.model_name or os.path.basename(os.path.normpath(args.load))
         print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         serve(model, tokenizer, args.host, args.port, name, limits, args.log_level)

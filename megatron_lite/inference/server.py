@@ -35,6 +35,9 @@ class Limits:
     default_max_tokens: int = 256
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int | None = None  # default: the model's max_seq_len - 1
+    body_timeout_s: float = 30.0  # a client that sends its body slower than this gets 408 (slowloris)
+    queue_timeout_s: float = 300.0  # a request waiting longer than this for the model gets 503
+    max_concurrency: int = 64  # open connections; uvicorn answers 503 beyond (bounds memory under load)
 
 
 class ApiError(Exception):
@@ -137,19 +140,29 @@ def create_app(model, tokenizer, model_name: str = "megatron-lite", limits: Limi
     async def _validation_error(_req, e):
         return JSONResponse(error_body(ApiError(str(e.errors()[:1]))), status_code=400)
 
-    async def read_json(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            raise ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
+    async def read_body(request: Request) -> bytes:
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > limits.max_body_bytes:
                 raise ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
+        return raw
+
+    async def read_json(request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
+        try:
+            raw = await asyncio.wait_for(read_body(request), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(f"request body not received within {limits.body_timeout_s:g} s", status=408,
+                           code="timeout") from None
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"request body is not valid JSON: {e}") from None
+        except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack: not a 500
+            raise ApiError("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError("request body must be a JSON object")
         return body
@@ -161,9 +174,21 @@ def create_app(model, tokenizer, model_name: str = "megatron-lite", limits: Limi
             raise ApiError(f"prompt is {len(ids)} tokens; this model takes at most {max_prompt}", param,
                            code="context_length_exceeded")
 
+    async def acquire():
+        # Requests queue for the one model; a queue that does not move within the timeout gets a clear 503
+        # instead of a client-side timeout with no answer.
+        try:
+            await asyncio.wait_for(lock.acquire(), limits.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(f"server busy: no slot within {limits.queue_timeout_s:g} s; retry later", status=503,
+                           code="server_busy", kind="server_error") from None
+
     async def run_all(ids, params):
-        async with lock:
+        await acquire()
+        try:
             return (await asyncio.to_thread(generate, model, tokenizer, [ids], params))[0]
+        finally:
+            lock.release()
 
     async def run_stream(ids, params):
         """Async iterator of StreamEvents, generated step by step in a worker thread under the lock."""
@@ -261,7 +286,8 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_nam
 
     if limits is None:
         limits = Limits(max_tokens=model.config.max_seq_len)
-    uvicorn.run(create_app(model, tokenizer, model_name, limits), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(model, tokenizer, model_name, limits), host=host, port=port, log_level=log_level,
+                limit_concurrency=limits.max_concurrency, timeout_keep_alive=5)
 
 
 __all__ = ["create_app", "serve", "Limits", "ApiError"]
