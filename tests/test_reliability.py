@@ -481,3 +481,138 @@ def test_every_torch_load_in_the_package_is_weights_only():
                     and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------------------------ server soak
+
+def _request(port: int, method: str, path: str, body: bytes | None = None):
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        c.request(method, path, body=body, headers={"Content-Type": "application/json"} if body is not None else {})
+        r = c.getresponse()
+        return r.status, r.getheader("content-type") or "", r.read()
+    finally:
+        c.close()
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _soak_case(i: int, port: int):
+    """Request number i of the mix: (what it is, response check). Every response must be well-formed."""
+    msgs = [{"role": "user", "content": f"Hello {i}"}]
+    kind = i % 11
+    if kind == 0:
+        st, ct, b = _request(port, "POST", "/v1/chat/completions",
+                             json.dumps({"messages": msgs, "max_tokens": 1 + i % 4, "seed": i}).encode())
+        r = json.loads(b)
+        assert st == 200 and isinstance(r["choices"][0]["message"]["content"], str), (st, b)
+        assert r["choices"][0]["finish_reason"] in ("stop", "length") and r["usage"]["completion_tokens"] <= 4
+    elif kind == 1:
+        st, ct, b = _request(port, "POST", "/v1/chat/completions",
+                             json.dumps({"messages": msgs, "max_tokens": 3, "stream": True}).encode())
+        lines = [ln for ln in b.decode().split("\n") if ln]
+        assert st == 200 and ct.startswith("text/event-stream") and lines[-1] == "data: [DONE]", (st, b)
+        assert all(ln.startswith("data: ") for ln in lines)
+        [json.loads(ln[6:]) for ln in lines[:-1]]
+    elif kind == 2:
+        st, ct, b = _request(port, "POST", "/v1/completions", json.dumps({"prompt": "The quick", "max_tokens": 2}).encode())
+        assert st == 200 and isinstance(json.loads(b)["choices"][0]["text"], str), (st, b)
+    elif kind == 3:
+        st, ct, b = _request(port, "GET", "/v1/models")
+        assert st == 200 and json.loads(b)["data"][0]["id"], (st, b)
+    else:
+        bad = {4: (b'{"messages": [', 400, None),
+               5: (json.dumps({"messages": msgs, "max_tokens": 1000}).encode(), 400, "max_tokens"),
+               6: (json.dumps({"messages": msgs, "pad": "x" * 20000}).encode(), 413, None),
+               7: (json.dumps({"messages": [{"role": "user", "content": "hello world " * 200}]}).encode(), 400,
+                   "messages"),
+               8: (json.dumps({"messages": "hi"}).encode(), 400, "messages"),
+               9: (b"[" * 5000 + b"]" * 5000, 400, None),
+               10: (json.dumps({"messages": msgs, "temperature": "hot"}).encode(), 400, "temperature")}[kind]
+        st, ct, b = _request(port, "POST", "/v1/chat/completions", bad[0])
+        err = json.loads(b)["error"]
+        assert st == bad[1] and isinstance(err["message"], str) and err["type"], (kind, st, b)
+        assert bad[2] is None or err["param"] == bad[2], (kind, err)
+    return kind
+
+
+def test_server_soak_mixed_requests(tmp_path):
+    """1,100 mixed valid/invalid requests from 4 concurrent clients against `tools/serve.py`: no crash, every
+    response well-formed with the expected status, and RSS after warm-up grows by less than 50 MB."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from launch_utils import free_port
+    sys.path.insert(0, str(REPO / "tests"))
+    from inference_utils import make_tokenizer, tiny_config, tiny_model
+    from megatron_lite.checkpoint_io import save_checkpoint_folder
+
+    cfg = tiny_config()
+    save_checkpoint_folder(tmp_path / "ckpt", cfg, tiny_model(cfg).state_dict(), make_tokenizer())
+    port = free_port()
+    log = tmp_path / "serve.log"
+    srv = subprocess.Popen(command("tools/serve.py", ["--load", tmp_path / "ckpt", "--port", port,
+                                                      "--max-tokens-limit", 8, "--max-body-bytes", 16384,
+                                                      "--max-prompt-tokens", 64, "--log-level", "warning"]),
+                           cwd=REPO, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        def up():
+            try:
+                return _request(port, "GET", "/health")[0] == 200
+            except OSError:
+                return False
+        wait_for(up, srv, log, "the server answering /health", limit_s=120)
+        for i in range(220):  # warm-up: every kind of request, caches and allocator pools filled
+            _soak_case(i, port)
+        rss0 = _rss_kb(srv.pid)
+        with ThreadPoolExecutor(4) as pool:
+            kinds = list(pool.map(lambda i: _soak_case(i, port), range(220, 1100)))
+        assert sorted(set(kinds)) == list(range(11))
+        assert srv.poll() is None, log.read_text()[-3000:]
+        growth_mb = (_rss_kb(srv.pid) - rss0) / 1024
+        assert growth_mb < 50, growth_mb
+    finally:
+        srv.terminate()
+        srv.wait(timeout=60)
+
+
+def test_server_slow_body_gets_408():
+    """A client that never finishes its body is answered 408 after body_timeout_s, not held forever."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from inference_utils import make_tokenizer, tiny_config, tiny_model
+    from launch_utils import free_port
+    from megatron_lite.inference.server import Limits, create_app
+
+    app = create_app(tiny_model(tiny_config()), make_tokenizer(), "t", Limits(max_tokens=8, body_timeout_s=0.5))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(3000):
+            if srv.started:
+                break
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"messages\":")
+            reply = b""
+            while b"}}" not in reply and (chunk := s.recv(65536)):  # headers and body may come apart
+                reply += chunk
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "timeout"
+    finally:
+        srv.should_exit = True
+        t.join(10)
