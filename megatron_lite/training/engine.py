@@ -468,13 +468,24 @@ def check_checkpoint_dir(path: str) -> str:
     return tag
 
 
-# What DeepSpeed's own files reference besides tensors and containers (ZeRO optimizer states).
-_DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
-                      "deepspeed.utils.tensor_fragment.fragment_address"}
+def _is_deepspeed_class(name: str) -> bool:
+    """DeepSpeed's optimizer states pickle a few of its own classes (LossScaler, ZeroStageEnum,
+    fragment_address, ...; which ones depends on precision and ZeRO stage). A class defined in deepspeed is
+    fine to rebuild; a function (os.system, builtins.exec, or any deepspeed function) is not."""
+    import importlib
+
+    if not name.startswith("deepspeed."):
+        return False
+    module, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj, type) and obj.__module__.startswith("deepspeed.")
 
 
 def check_pickle_globals(tag_dir: Path) -> None:
-    """Refuse a checkpoint whose pickles name anything but tensors, containers and DeepSpeed's own types.
+    """Refuse a checkpoint whose pickles name anything but tensors, containers and DeepSpeed's own classes.
 
     DeepSpeed's `load_checkpoint` unpickles with weights_only=False (its optimizer states hold DeepSpeed
     classes), and unpickling can run any code a file names (`os.system` in a `__reduce__`). This scan reads
@@ -485,7 +496,7 @@ def check_pickle_globals(tag_dir: Path) -> None:
 
     for f in sorted(Path(tag_dir).glob("*.pt")):
         try:
-            unsafe = set(get_unsafe_globals_in_checkpoint(f)) - _DEEPSPEED_GLOBALS
+            unsafe = {g for g in get_unsafe_globals_in_checkpoint(f) if not _is_deepspeed_class(g)}
         except Exception as e:  # not a torch zip archive (truncated, or a raw pickle)
             raise UserError(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                             f"the checkpoint is corrupt, resume from an earlier one") from None
