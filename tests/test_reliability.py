@@ -208,7 +208,7 @@ def test_losses_along_the_interrupted_chain_equal_the_uninterrupted_run(chain):
     mismatched = [(s, loss, ref[s]) for s, loss in rows if loss != ref[s]]
     assert not mismatched, mismatched
     assert latest_step(ck) == T
-    client = torch.load(ck / f"global_step{T}" / "mp_rank_00_model_states.pt", weights_only=False)
+    client = torch.load(ck / f"global_step{T}" / "mp_rank_00_model_states.pt", weights_only=True)
     assert client["consumed_samples"] == T * 4 and client["skipped_steps"] == 0
 
 
@@ -228,7 +228,7 @@ def test_sigint_saves_and_exits_zero(data, tmp_path):
 # ------------------------------------------------------------------------------------------ NaN / inf
 
 def _weights(ckpt: Path, step: int) -> dict:
-    return torch.load(ckpt / f"global_step{step}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return torch.load(ckpt / f"global_step{step}" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -310,7 +310,7 @@ def _corrupt(kind: str, prefix: str):
         _patch(idx, 34 + 4 * n + 8, struct.pack("<q", 2))  # sequence_pointers[1]
 
 
-@pytest.mark.parametrize("kind, needle", [
+CORRUPTIONS = [
     ("missing", "missing"),
     ("empty", "is empty"),
     ("truncated_bin", "truncated .bin"),
@@ -320,12 +320,32 @@ def _corrupt(kind: str, prefix: str):
     ("dtype_unknown", "unknown dtype code 99"),
     ("dtype_int32", "truncated .bin or mismatched .idx"),
     ("pointers", "sequence pointers do not match"),
-])
-def test_bad_dataset_is_one_line_error(data, tmp_path, kind, needle):
+]
+
+
+def _bad_prefix(data, tmp_path, kind) -> str:
     prefix = str(tmp_path / "bad_text_document")
     if kind != "missing":
         _copy_dataset(data["pt"], tmp_path / "bad_text_document")
         _corrupt(kind, prefix)
+    return prefix
+
+
+@pytest.mark.parametrize("kind, needle", CORRUPTIONS)
+def test_corrupt_dataset_is_refused_on_open(data, tmp_path, kind, needle):
+    from megatron_lite.data.indexed_dataset import IndexedDataset
+    from megatron_lite.errors import UserError
+
+    prefix = _bad_prefix(data, tmp_path, kind)
+    with pytest.raises(UserError) as e:
+        IndexedDataset(prefix)
+    assert needle in str(e.value) and prefix in str(e.value)
+
+
+@pytest.mark.parametrize("kind, needle", [c for c in CORRUPTIONS if c[0] in ("missing", "empty", "pointers")])
+def test_bad_dataset_is_one_line_error(data, tmp_path, kind, needle):
+    """The same errors from the command line: one line, nothing started (every kind: the test above)."""
+    prefix = _bad_prefix(data, tmp_path, kind)
     p = run("launch/pretrain.py", ["--tokenizer", data["tok"], "--data-path", prefix, "--train-iters", 1], check=False)
     one_line_error(p, needle, prefix)
     assert p.stdout == ""  # nothing started, nothing half-printed
@@ -450,7 +470,7 @@ def test_malicious_pickles_are_refused_everywhere(data, small_ckpt, tmp_path):
     evil = tmp_path / "evil"
     shutil.copytree(small_ckpt, evil)
     f = evil / "global_step2" / "mp_rank_00_model_states.pt"
-    state = torch.load(f, weights_only=False)
+    state = torch.load(f, weights_only=True)
     state["payload"] = _Evil(marker)
     torch.save(state, f)
     with pytest.raises(UserError, match="cannot read"):
