@@ -43,20 +43,33 @@ def time_interleaved(steps: dict, warmup: int, repeats: int, inner: int = 1) -> 
 
     On a shared machine the load drifts; alternating the variants in one process exposes each to the same
     drift, so their *ratio* stays meaningful even when the absolute numbers do not.
-    Returns {name: {"median": s, "min": s, "max": s, "n": repeats}}.
+    Returns {name: {"median": s, "min": s, "max": s, "n": repeats, "times": [s per round],
+    "cpu_times": [process CPU s per round]}}; `paired_ratio` turns two of them into a load-robust ratio.
+    CPU time (all threads of this process) counts only the time we actually ran: when foreign load steals the
+    cores, wall time balloons but CPU time barely moves, so its ratios are the ones to read on a busy machine.
     """
     for f in steps.values():
         for _ in range(warmup):
             f()
     times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     for r in range(repeats):
         for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for _ in range(inner):
                 steps[name]()
+            cpu[name].append((time.process_time() - c) / inner)
             times[name].append((time.perf_counter() - t) / inner)
-    return {name: {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
-            for name, ts in times.items()}
+    return {name: {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts), "times": ts,
+                   "cpu_times": cpu[name]} for name, ts in times.items()}
+
+
+def paired_ratio(slow: list, fast: list) -> float:
+    """Median over rounds of slow[r] / fast[r] for two variants timed in the same rounds of time_interleaved.
+
+    A burst of foreign load that hits one step spoils one round's ratio, which the median then discards; the
+    ratio of the two medians would instead absorb it whenever bursts hit the variants unevenly."""
+    return statistics.median(a / b for a, b in zip(slow, fast))
 
 
 def row(benchmark: str, ours: float, peer: float | None, unit: str, ratio: float | None = None,

@@ -7,11 +7,16 @@
 Variants, all timed turn about in one process (A B C, C B A, ...) on the same fixed batch, medians reported:
   ours        GPT -> megatron_lite.training.engine.build_engine (ZeRO-2 json, torch fused AdamW, clip 1.0)
   ours+compile the same with the module compiled in place (`model.compile()`) before the engine wraps it
-  ours-zero0  the same engine with ZeRO stage 0 (no flat fp32 partition copy)
+  ours-zero0  the same engine with ZeRO stage 0 (no flat fp32 partition copy); skipped when the engine
+              already lowers zero2.json to stage 0 at dp=1 (it does since commit 12c0fc0)
+  ours-zero0+compile  both
   plain       our GPT + torch.optim.AdamW(fused) + clip_grad_norm_ with no engine (engine overhead = plain/ours)
   hf          transformers LlamaForCausalLM (attn_implementation="sdpa"), our weights copied in,
               torch.optim.AdamW(fused) + clip_grad_norm_(1.0): what a plain HF/PyTorch loop does
 Every step is forward + backward + clip + AdamW step + zero_grad at micro batch 8 x seq 256, fp32.
+Ratios are paired: the median over rounds of (peer step time / our step time) within the same round, robust
+to bursts of foreign load; the ratio of medians, of the fastest repeats and of process CPU times (what to
+read when other work shares the cores) are kept in the JSON and printed too.
 
 FLOPs per token = 6 N + 12 L d T (PaLM / Megatron / nanoGPT), N = every parameter a matmul touches: all
 weights incl. the tied embedding, counted once as the output head (the input lookup does no FLOPs),
@@ -37,7 +42,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine, measure_gemm_peak, row, save_result, time_interleaved, time_steps  # noqa: E402
+from benchmarks.common import (machine, measure_gemm_peak, paired_ratio, row, save_result,  # noqa: E402
+                               time_interleaved, time_steps)
 
 ZERO2 = os.path.join(ROOT, "ds_configs", "zero2.json")
 ZERO0 = os.path.join(ROOT, "ds_configs", "zero0.json")
@@ -86,6 +92,14 @@ def ours_engine(config, dims, batch: int, ds_config: str = ZERO2, compile: bool 
         engine.step()
         return out.loss
     return engine, step
+
+
+def engine_zero_stage(ds_config: str, dp: int) -> int:
+    """The ZeRO stage our engine actually runs `ds_config` with at this dp (it may lower it at dp=1)."""
+    from megatron_lite.training import engine as eng
+
+    cfg = eng.resolve_ds_config(eng.load_ds_config(ds_config), dp, micro_batch_size=1)
+    return int((cfg.get("zero_optimization") or {}).get("stage", 0))
 
 
 def plain_step(model, fused: bool = True, foreach: bool | None = None):
@@ -139,6 +153,15 @@ def check_same_logits(ours, hf, x) -> float:
 
 # ---------------------------------------------------------------------------------------------- measurement
 
+def speed_row(res: dict, preset: str, a: str, b: str, what: str, target=None) -> dict:
+    """Row for speed(a) / speed(b): paired median ratio, plus ratio of medians and of the fastest repeats."""
+    return row(f"train {preset}: {what}", res[a]["tokens_per_s"], res[b]["tokens_per_s"], "tok/s",
+               ratio=paired_ratio(res[b]["times"], res[a]["times"]), target=target,
+               ratio_of_medians=res[b]["step_s"] / res[a]["step_s"],
+               ratio_of_fastest=res[b]["step_s_min"] / res[a]["step_s_min"],
+               ratio_cpu_time=paired_ratio(res[b]["cpu_times"], res[a]["cpu_times"]))
+
+
 def flops_per_token(config, seq: int) -> float:
     from megatron_lite.training.loop import flops_per_token as fpt
     return fpt(config, seq)
@@ -153,9 +176,9 @@ def compare(config, batch: int = 8, seq: int = 256, warmup: int = 2, repeats: in
     ref_model = None
     for name in variants:
         t = time.perf_counter()
-        if name in ("ours", "ours+compile", "ours-zero0"):
-            engine, st = ours_engine(config, dims, batch, ds_config=ZERO0 if name == "ours-zero0" else ZERO2,
-                                     compile=name == "ours+compile")
+        if name.startswith("ours"):
+            engine, st = ours_engine(config, dims, batch, ds_config=ZERO0 if "zero0" in name else ZERO2,
+                                     compile="compile" in name)
             ref_model = ref_model or engine.module
         elif name == "plain":
             from megatron_lite.training.engine import build_model
@@ -183,7 +206,8 @@ def compare(config, batch: int = 8, seq: int = 256, warmup: int = 2, repeats: in
     tokens = batch * seq
     out = {}
     for name, tm in timing.items():
-        out[name] = {"step_s": tm["median"], "step_s_min": tm["min"], "step_s_max": tm["max"],
+        out[name] = {"step_s": tm["median"], "step_s_min": tm["min"], "step_s_max": tm["max"], "times": tm["times"],
+                     "cpu_times": tm["cpu_times"],
                      "tokens_per_s": tokens / tm["median"], "build_s": build_s[name], "first_step_s": t_first[name]}
     if "hf" in variants:
         out["hf"]["max_logit_diff_vs_ours"] = max_diff
@@ -283,7 +307,7 @@ def dp_scaling(preset: str, global_batch: int, seq: int, steps: int, warmup: int
                 log(f"  dp run {r}: {world} rank(s) x {res['threads']} thread(s): {res['tokens_per_s']:.0f} tok/s")
     one, two = statistics.median(runs[1]), statistics.median(runs[2])
     return {"preset": preset, "global_batch": global_batch, "seq_length": seq, "tokens_per_s_1rank": one,
-            "tokens_per_s_2ranks": two, "runs": runs, "efficiency": two / one}
+            "tokens_per_s_2ranks": two, "runs": runs, "efficiency": paired_ratio(runs[2], runs[1])}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -294,8 +318,12 @@ def run(presets, batch, seq, warmup, repeats, compile_presets=(), zero0=True, dp
     from megatron_lite.config import get_preset
 
     dims = single_process_dims()
+    if zero0 and engine_zero_stage(ZERO2, dims.dp) == 0:
+        log("the engine already runs zero2.json as ZeRO stage 0 at dp=1: no separate ZeRO-0 variant")
+        zero0 = False
     peak = measure_gemm_peak(gemm_n)
-    log(f"fp32 GEMM peak now: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    log(f"fp32 GEMM peak now: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads; measured again at the "
+        f"end, MFU uses the better of the two: under foreign load either can read low)")
     result = {"batch": batch, "seq_length": seq, "repeats": repeats,
               "flops_per_token_formula": "6*N + 12*L*d*T; N = all params a matmul touches (tied embedding "
                                          "counted once, as the output head)",
@@ -306,39 +334,51 @@ def run(presets, batch, seq, warmup, repeats, compile_presets=(), zero0=True, dp
         if zero0:
             variants.insert(1, "ours-zero0")
         if preset in compile_presets:
-            variants.insert(1, "ours+compile")
+            variants[1:1] = ["ours+compile"] + (["ours-zero0+compile"] if zero0 else [])
         log(f"{preset}: {config.num_params() / 1e6:.1f}M params, batch {batch} x {seq}, variants {variants}")
         res = compare(config, batch, seq, warmup, repeats, variants, dims, log)
         fpt = flops_per_token(config, seq)
-        for name, r in res.items():
-            r["mfu"] = r["tokens_per_s"] * fpt / peak
-            log(f"  {name:13s} {r['tokens_per_s']:8.0f} tok/s  MFU {r['mfu']:6.1%}  step {r['step_s'] * 1e3:7.1f} ms "
-                f"[{r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f}]  first step {r['first_step_s']:.1f} s")
-        best = max((n for n in res if n.startswith("ours")), key=lambda n: res[n]["tokens_per_s"])
-        ours, hf = res["ours"], res["hf"]
-
-        def best_ratio(a, b):  # ratio of the fastest repeats: under load less noisy than the medians
-            return res[b]["step_s_min"] / res[a]["step_s_min"]
-        rows = [row(f"train {preset}: ours (engine) vs HF Llama", ours["tokens_per_s"], hf["tokens_per_s"], "tok/s",
-                    target=1.1, ratio_of_fastest=best_ratio("ours", "hf")),
-                row(f"train {preset}: MFU ours (engine)", ours["mfu"], None, "fraction", ratio=ours["mfu"], target=0.85),
-                row(f"train {preset}: MFU HF Llama", hf["mfu"], None, "fraction", ratio=hf["mfu"]),
-                row(f"train {preset}: engine overhead (ours engine / plain loop)", ours["tokens_per_s"],
-                    res["plain"]["tokens_per_s"], "tok/s", ratio_of_fastest=best_ratio("ours", "plain"))]
-        if "ours-zero0" in res:
-            rows.append(row(f"train {preset}: engine ZeRO-0 vs ZeRO-2 (1 process)", res["ours-zero0"]["tokens_per_s"],
-                            ours["tokens_per_s"], "tok/s", ratio_of_fastest=best_ratio("ours-zero0", "ours")))
-        if "ours+compile" in res:
-            rows.append(row(f"train {preset}: ours+compile vs HF Llama", res["ours+compile"]["tokens_per_s"],
-                            hf["tokens_per_s"], "tok/s", target=1.1, ratio_of_fastest=best_ratio("ours+compile", "hf")))
-        for rw in rows:
-            log(f"  -> {rw['benchmark']}: ratio {rw['ratio']:.3f}" + (
-                f" (fastest repeats: {rw['ratio_of_fastest']:.3f})" if "ratio_of_fastest" in rw else "") + (
-                f" (target {rw['target_op']} {rw['target']}: {'met' if rw['met'] else 'NOT met'})" if rw["target"] else ""))
         result["presets"][preset] = {"params": config.num_params(), "flops_per_token": fpt, "variants": res,
-                                     "best_ours_variant": best}
+                                     "engine_zero_stage_dp1": engine_zero_stage(ZERO2, dims.dp)}
+        for name, r in res.items():
+            log(f"  {name:19s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_s'] * 1e3:7.1f} ms "
+                f"[{r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f}]  first step {r['first_step_s']:.1f} s")
+        best = max((n for n in res if n.startswith("ours")), key=lambda n: paired_ratio(res["hf"]["times"], res[n]["times"]))
+        result["presets"][preset]["best_ours_variant"] = best
+        result["presets"][preset]["rows"] = rows = [
+            speed_row(res, preset, "ours", "hf", "ours (engine) vs HF Llama", target=1.1),
+            speed_row(res, preset, "ours", "plain", "engine overhead: ours (engine) vs plain loop, same model")]
+        for name in res:
+            if name.startswith("ours-") or name.startswith("ours+"):
+                rows.append(speed_row(res, preset, name, "hf", f"{name} vs HF Llama", target=1.1))
+        if "ours-zero0" in res:
+            rows.append(speed_row(res, preset, "ours-zero0", "ours", "engine ZeRO-0 vs ZeRO-2 (1 process)"))
+        mfu_rows = {n: row(f"train {preset}: MFU {n}", None, None, "fraction", target=0.85 if n.startswith("ours") else None)
+                    for n in ("ours", best, "hf")}
+        rows += mfu_rows.values()
+        for rw in rows:
+            if rw["unit"] == "fraction":
+                continue  # MFU rows are filled in once the end-of-run peak is known
+            log(f"  -> {rw['benchmark']}: ratio {rw['ratio']:.3f}" + (
+                f" (of medians {rw['ratio_of_medians']:.3f}, of fastest {rw['ratio_of_fastest']:.3f}, "
+                f"of CPU times {rw['ratio_cpu_time']:.3f})") + (
+                f" (target {rw['target_op']} {rw['target']}: {'met' if rw['met'] else 'NOT met'})" if rw["target"] else ""))
         result["rows"] += rows
-    result["gemm_peak_flops"] = max(peak, measure_gemm_peak(gemm_n))  # best of before/after: less load noise
+    peak = result["gemm_peak_flops"] = max(peak, measure_gemm_peak(gemm_n))  # best of before/after: less load noise
+    log(f"fp32 GEMM peak (best of start and end): {peak / 1e9:.0f} GFLOP/s")
+    for preset, p in result["presets"].items():
+        for name, r in p["variants"].items():
+            r["mfu"] = r["tokens_per_s"] * p["flops_per_token"] / peak
+            r["mfu_fastest"] = p["flops_per_token"] * batch * seq / r["step_s_min"] / peak
+        for rw in p.pop("rows"):
+            if rw["unit"] == "fraction":
+                name = rw["benchmark"].split("MFU ", 1)[1]
+                rw.update(ours=p["variants"][name]["mfu"], ratio=p["variants"][name]["mfu"],
+                          mfu_of_fastest_step=p["variants"][name]["mfu_fastest"])
+                if rw["target"] is not None:
+                    rw["met"] = bool(rw["ratio"] >= rw["target"])
+                log(f"  -> {rw['benchmark']}: {rw['ratio']:.1%} (fastest step: {rw['mfu_of_fastest_step']:.1%})"
+                    + (f" target >= 85%: {'met' if rw['met'] else 'NOT met'}" if rw["target"] else ""))
     if micro:
         config = get_preset(presets[0], **(config_overrides or {}))
         result["optimizer_step_s"] = optimizer_step_bench(config, repeats)
@@ -349,7 +389,8 @@ def run(presets, batch, seq, warmup, repeats, compile_presets=(), zero0=True, dp
         d = dp_scaling(**dp, log=log)
         result["data_parallel"] = d
         rw = row(f"train {d['preset']}: ZeRO-2 2 ranks x 1 thread vs 1 rank x 2 threads", d["tokens_per_s_2ranks"],
-                 d["tokens_per_s_1rank"], "tok/s", target=0.9)
+                 d["tokens_per_s_1rank"], "tok/s", ratio=d["efficiency"], target=0.9,
+                 ratio_of_medians=d["tokens_per_s_2ranks"] / d["tokens_per_s_1rank"])
         log(f"  -> {rw['benchmark']}: {rw['ratio']:.3f} (target >= 0.9: {'met' if rw['met'] else 'NOT met'})")
         result["rows"].append(rw)
     save_result("train_throughput", result, results_dir)
