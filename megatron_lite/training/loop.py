@@ -76,9 +76,10 @@ class StopRequest:
 
     def requested(self, dev: torch.device) -> bool:
         """Collective: True on every rank once any rank got a signal."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signum is not None  # one rank: no device tensor, no host sync per step
         flag = torch.tensor(float(self.signum is not None), device=dev)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
 
