@@ -47,6 +47,7 @@ def main(argv=None) -> list:
             raise UserError(f"{flag} must be >= 1, got {v}")
     from deepspeed.utils import logger as ds_logger
 
+    from megatron_lite.checkpoint_io import load_weights_into
     from megatron_lite.config import ModelConfig
     from megatron_lite.parallel import ParallelDims
     from megatron_lite.training import engine as eng
@@ -62,8 +63,9 @@ def main(argv=None) -> list:
     ds_config = {"train_micro_batch_size_per_gpu": a.micro_batch_size, "gradient_accumulation_steps": 1,
                  "bf16": {"enabled": eng.bf16_supported()}, "zero_optimization": {"stage": 0},
                  "steps_per_print": 10**9}
-    engine = eng.build_engine(eng.build_model(config, dims, a.seed), ds_config, dims, train=False)
-    eng.load_checkpoint(engine, a.load, config, module_only=True)
+    model = eng.build_model(config, dims, a.seed)
+    load_weights_into(model, a.load)  # any tp / ep layout the checkpoint was saved with
+    engine = eng.build_engine(model, ds_config, dims, train=False)
 
     if a.sft:
         from megatron_lite.data.sft_dataset import build_sft_datasets as build

@@ -160,6 +160,43 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device
     return model.eval()
 
 
+_EXPERT_KEY = re.compile(r"(.*\.deepspeed_experts\.)(\d+)(\..*)")
+
+
+def local_state_dict(full: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """Cut a full (tp = ep = 1) state dict down to what `model` holds on this rank: its tensor-parallel
+    shard of every split weight and its own experts (global expert ep_rank * n_local + j is local j)."""
+    from megatron_lite.tensor_parallel.reshard import shard_state_dict, tp_shard_specs
+
+    if model.tp_size > 1:
+        import torch.distributed as dist
+
+        full = shard_state_dict(full, tp_shard_specs(model), dist.get_rank(model.tp_group), model.tp_size)
+    if model.ep_size == 1:
+        return full
+    n_local = model.config.num_experts // model.ep_size
+    first = model.ep_rank * n_local
+    out = {}
+    for k, v in full.items():
+        m = _EXPERT_KEY.fullmatch(k)
+        if m is None:
+            out[k] = v
+        elif first <= int(m.group(2)) < first + n_local:
+            out[f"{m.group(1)}{int(m.group(2)) - first}{m.group(3)}"] = v
+    return out
+
+
+def load_weights_into(model, path: str | Path, tag: str | None = None) -> None:
+    """Load the weights of checkpoint `path` (any tp / ep / ZeRO layout it was saved with) into `model`
+    (any tp / ep it was built with). Used before the DeepSpeed engine exists (eval, SFT --pretrained), so
+    no optimizer copy of the weights has to be refreshed afterwards."""
+    config, full = load_full_state_dict(path, tag)
+    if config != model.config:  # (the preset name is not compared)
+        raise UserError(f"checkpoint {path} holds a different model than the one being built; "
+                        f"see {Path(path) / 'model_config.json'}")
+    model.load_state_dict(local_state_dict(full, model))
+
+
 def load_tokenizer_for(path: str | Path):
     """The tokenizer stored beside a checkpoint (CKPT/tokenizer) or inside an HF folder; None if absent."""
     path = Path(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.checkpoint_io import load_weights_into
 from megatron_lite.config import PRESETS, ModelConfig, get_preset, pad_vocab_size
 from megatron_lite.errors import UserError
 
@@ -192,6 +193,8 @@ def main(kind: str, argv=None) -> dict:
         raw_ds_config, dims.dp, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters)
+    if a.load:
+        eng.check_resumable(a.load, dims.dp, dims.tp, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     s = TrainSettings(train_iters=a.train_iters, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       grad_accum=ds_config["gradient_accumulation_steps"], dp_size=dims.dp, dp_rank=dims.dp_rank,
                       seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
@@ -226,6 +229,10 @@ def main(kind: str, argv=None) -> dict:
         raise UserError(f"--data-path {' '.join(a.data_path)} with --split {a.split} leaves no training data")
 
     model = eng.build_model(config, dims, a.seed)
+    if kind == "sft" and not a.load:
+        # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
+        # any tp / ep layout (or converted from HF) and keeps this rank's shard and experts.
+        load_weights_into(model, a.pretrained)
     engine = eng.build_engine(model, ds_config, dims)
 
     start_iter, consumed, skipped = 0, 0, 0
@@ -237,7 +244,6 @@ def main(kind: str, argv=None) -> dict:
         if is_rank0:
             print(f"resumed from {a.load} at step {start_iter} ({consumed} samples consumed)")
     elif kind == "sft":
-        eng.load_checkpoint(engine, a.pretrained, config, module_only=True)
         if is_rank0:
             print(f"initialised from pretrained {a.pretrained}")
 
