@@ -351,7 +351,17 @@ def test_bad_dataset_is_one_line_error(data, tmp_path, kind, needle):
     assert p.stdout == ""  # nothing started, nothing half-printed
 
 
-def test_out_of_vocab_ids_and_smaller_tokenizer(data, tmp_path):
+@pytest.fixture(scope="module")
+def tok300(data, tmp_path_factory):
+    """A smaller tokenizer (300 tokens) than the one the data and checkpoints were made with (400)."""
+    tok = tmp_path_factory.mktemp("tok300") / "tok"
+    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(data["dir"] / "pretrain_train.jsonl"),
+                    "--vocab-size", "300", "--output-dir", str(tok)], cwd=REPO, env=env(), check=True,
+                   capture_output=True)
+    return tok
+
+
+def test_out_of_vocab_ids_and_smaller_tokenizer(data, tok300, tmp_path):
     from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(tmp_path / "oov_text_document")
@@ -361,11 +371,7 @@ def test_out_of_vocab_ids_and_smaller_tokenizer(data, tmp_path):
     p = run("launch/pretrain.py", ["--tokenizer", data["tok"], "--data-path", prefix, "--train-iters", 1], check=False)
     one_line_error(p, "token id 5099", "the vocabulary size is 400", prefix)
     # A tokenizer smaller than the one the data was made with.
-    small = tmp_path / "tok_small"
-    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(data["dir"] / "pretrain_train.jsonl"),
-                    "--vocab-size", "300", "--output-dir", str(small)], cwd=REPO, env=env(), check=True,
-                   capture_output=True)
-    p = run("launch/pretrain.py", ["--tokenizer", small, "--data-path", data["pt"], "--train-iters", 1], check=False)
+    p = run("launch/pretrain.py", ["--tokenizer", tok300, "--data-path", data["pt"], "--train-iters", 1], check=False)
     one_line_error(p, "the vocabulary size is 300", "same tokenizer")
 
 
@@ -408,11 +414,16 @@ def small_ckpt(data, tmp_path_factory):
     return ck
 
 
-def test_load_and_pretrained_errors(data, small_ckpt, tmp_path):
+def test_load_and_pretrained_errors(data, small_ckpt, tok300, tmp_path):
     # A checkpoint of a different model.
     p = run("launch/pretrain.py", ["--model", "tiny", "--hidden-size", 32, "--num-heads", 4, "--tokenizer", data["tok"],
                                    "--data-path", data["pt"], "--train-iters", 4, "--load", small_ckpt], check=False)
     one_line_error(p, "holds a different model", "hidden_size")
+    # The same model with another tokenizer: its vocabulary does not match the checkpoint's embedding.
+    args = pretrain_args(data, tmp_path / "z", 4, "--load", small_ckpt)
+    args[args.index(data["tok"])] = tok300
+    p = run("launch/pretrain.py", args, check=False)
+    one_line_error(p, "holds a different model", "vocab_size")
     # A corrupt (truncated) shard: refused before DeepSpeed reads it.
     bad = tmp_path / "bad"
     shutil.copytree(small_ckpt, bad)
