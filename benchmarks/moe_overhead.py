@@ -98,7 +98,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 7; quick 3)")
     p.add_argument("--no-ablations", action="store_true", help="skip the capacity-1.0 and no-noise MoE variants")
     p.add_argument("--results-dir", default=None, help="where moe_overhead.json goes (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the single-process runs (default: torch's, i.e. OMP_NUM_THREADS or all "
+                        "cores). With 1 thread, CPU time is pure work: the most load-proof ratio on a busy machine")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     run(a.preset, a.batch, a.seq_length, a.warmup, a.repeats or (3 if a.quick else 7),
         ablations=not (a.quick or a.no_ablations), results_dir=a.results_dir)
 

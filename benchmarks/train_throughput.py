@@ -415,6 +415,9 @@ def parse_args(argv=None):
     p.add_argument("--dp-repeats", type=int, default=None, help="launches per world size, alternated (default 2)")
     p.add_argument("--dp-steps", type=int, default=None, help="timed steps per launch (default 5; quick 3)")
     p.add_argument("--results-dir", default=None, help="where train_throughput.json goes (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the single-process runs (default: torch's, i.e. OMP_NUM_THREADS or all "
+                        "cores). With 1 thread, CPU time is pure work: the most load-proof ratio on a busy machine")
     # internal: one rank of the scaling test
     p.add_argument("--worker-dp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="tiny", help=argparse.SUPPRESS)
@@ -428,6 +431,8 @@ def main(argv=None):
     a = parse_args(argv)
     if a.worker_dp:
         return worker_dp(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     presets = a.presets or (["tiny"] if a.quick else ["small", "tiny"])
     repeats = a.repeats or (3 if a.quick else 7)
     if a.compile is None:
