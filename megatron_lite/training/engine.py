@@ -505,6 +505,25 @@ def check_pickle_globals(tag_dir: Path) -> None:
                             f"it (only load checkpoints written by megatron_lite/DeepSpeed)")
 
 
+def check_resumable(path: str, dp: int, tp: int, zero_stage: int) -> None:
+    """Exact resume restores the optimizer, whose ZeRO shards are cut per data-parallel rank: refuse (one
+    line, before DeepSpeed starts) a layout that DeepSpeed would fail on with a traceback."""
+    import re
+
+    root = Path(path)
+    tag_dir = root / (root / "latest").read_text().strip()
+    shards = {int(m.group(1)) for f in tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")
+              if (m := re.match(r"zero_pp_rank_(\d+)_", f.name))}
+    saved_tp = len(list(tag_dir.glob("mp_rank_*_model_states.pt")))
+    saved = f"{len(shards)} ZeRO shards (data-parallel {len(shards)})" if shards else "no ZeRO shards (one data-parallel rank or stage 0)"
+    now = f"data-parallel {dp} with ZeRO stage {zero_stage}"
+    if saved_tp != tp:
+        raise UserError(f"--load {path}: saved with --tp {saved_tp}, this run has --tp {tp}; resume with --tp {saved_tp}")
+    if (zero_stage > 0) != bool(shards) or (shards and len(shards) != dp):
+        raise UserError(f"--load {path}: the optimizer state was saved as {saved}, this run is {now}; "
+                        f"resume with the same number of data-parallel ranks (world size / --tp) and ds_config")
+
+
 def check_same_model(path: str, config: ModelConfig) -> None:
     saved = ModelConfig.load(path)
     if saved != config:

@@ -24,22 +24,14 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup_iters: int, decay_iter
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-class WarmupCosine:
-    """Multiplier for `torch.optim.lr_scheduler.LambdaLR` (base lr of each group = max_lr).
-
-    An object rather than a closure so LambdaLR's state_dict records its settings alongside `last_epoch`.
-    """
-
-    def __init__(self, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int):
-        self.max_lr, self.min_lr = max_lr, min_lr
-        self.warmup_iters, self.decay_iters = warmup_iters, decay_iters
-
-    def __call__(self, step: int) -> float:
-        if self.max_lr == 0:
-            return 0.0
-        return lr_at(step, self.max_lr, self.min_lr, self.warmup_iters, self.decay_iters) / self.max_lr
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, min_lr: float, warmup_iters: int,
                     decay_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(max_lr, min_lr, warmup_iters, decay_iters))
+    """LambdaLR over `lr_at` (the base lr of each group is max_lr).
+
+    The multiplier is a plain function on purpose: LambdaLR then saves only `last_epoch`, so on --load the
+    step count comes from the checkpoint while warmup/decay/min-lr come from this run's flags (extending
+    --train-iters stretches the cosine, as in Megatron)."""
+    def multiplier(step: int) -> float:
+        return lr_at(step, max_lr, min_lr, warmup_iters, decay_iters) / max_lr if max_lr else 0.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
