@@ -647,3 +647,47 @@ def test_server_slow_body_gets_408():
     finally:
         srv.should_exit = True
         t.join(10)
+
+
+def test_server_busy_queue_times_out_with_503():
+    """While one request holds the model, a second one that waits longer than queue_timeout_s gets a 503
+    (OpenAI error shape), and the first still completes."""
+    import threading
+
+    import uvicorn
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from inference_utils import make_tokenizer, tiny_config, tiny_model
+    from launch_utils import free_port
+    from megatron_lite.inference.server import Limits, create_app
+
+    model = tiny_model(tiny_config())
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(*_):  # the first forward of request A parks here until the test has seen B's 503
+        entered.set()
+        release.wait(60)
+    handle = model.register_forward_pre_hook(hold)
+    app = create_app(model, make_tokenizer(), "t", Limits(max_tokens=8, queue_timeout_s=0.2))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    try:
+        for _ in range(3000):
+            if srv.started:
+                break
+            time.sleep(0.01)
+        first = {}
+        a = threading.Thread(target=lambda: first.update(r=_request(port, "POST", "/v1/chat/completions", body)))
+        a.start()
+        assert entered.wait(60)
+        st, _, b = _request(port, "POST", "/v1/chat/completions", body)
+        assert st == 503 and json.loads(b)["error"]["code"] == "server_busy", (st, b)
+        handle.remove()
+        release.set()
+        a.join(60)
+        assert first["r"][0] == 200, first
+    finally:
+        release.set()
+        srv.should_exit = True
