@@ -10,7 +10,6 @@ The model, tokenizer and weights all come from CKPT (model_config.json + DeepSpe
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 

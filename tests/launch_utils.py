@@ -32,16 +32,21 @@ def env(**extra) -> dict:
     return e
 
 
-def command(script: str, args: list, ranks: int = 1) -> list[str]:
+def command(script: str, args: list, ranks: int = 1, launcher: str = "deepspeed") -> list[str]:
+    """ranks > 1: the `deepspeed` launcher, or torchrun (same env contract, a few seconds less start-up)."""
     if ranks == 1:
         cmd = [sys.executable, str(REPO / script)]
-    else:
+    elif launcher == "deepspeed":
         cmd = [DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", str(ranks), str(REPO / script)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               "--master_port", str(free_port()), str(REPO / script)]
     return cmd + [str(a) for a in args]
 
 
-def run(script: str, args: list, ranks: int = 1, check: bool = True, **extra_env) -> subprocess.CompletedProcess:
-    cmd = command(script, args, ranks)
+def run(script: str, args: list, ranks: int = 1, check: bool = True, launcher: str = "deepspeed",
+        **extra_env) -> subprocess.CompletedProcess:
+    cmd = command(script, args, ranks, launcher)
     p = subprocess.run(cmd, cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
@@ -57,18 +62,20 @@ def losses(ckpt) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(ckpt) if "loss" in m}
 
 
-def build_data(d: Path) -> dict:
-    """Tiny corpus + 400-token BPE tokenizer + pretraining (and SFT) datasets under `d`."""
+def build_data(d: Path, sft: bool = False) -> dict:
+    """Tiny corpus + 400-token BPE tokenizer + pretraining (and, with sft, SFT) datasets under `d`."""
     from megatron_lite.data.corpus import write_corpus
 
     write_corpus(str(d), pretrain_mb=0.3, sft_arith=200, seed=0)
     for cmd in (["tools/train_tokenizer.py", "--input", d / "pretrain_train.jsonl", "--vocab-size", "400",
                  "--output-dir", d / "tok"],
                 ["tools/preprocess_data.py", "--input", d / "pretrain_train.jsonl", "--output-prefix", d / "pt",
-                 "--tokenizer", d / "tok", "--append-eod"]):
+                 "--tokenizer", d / "tok", "--append-eod"],
+                *([["tools/preprocess_data.py", "--input", d / "sft_train.jsonl", "--output-prefix", d / "sft",
+                    "--tokenizer", d / "tok", "--chat"]] if sft else [])):
         subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO, env=env(), check=True,
                        capture_output=True)
-    return {"dir": d, "tok": d / "tok", "pt": str(d / "pt_text_document")}
+    return {"dir": d, "tok": d / "tok", "pt": str(d / "pt_text_document"), "sft": str(d / "sft_text_document")}
 
 
 def pretrain_args(data: dict, save, iters, *extra) -> list:

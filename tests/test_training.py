@@ -6,9 +6,7 @@ checked for several things (losses, files, resume, parallel equivalence) so the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,48 +19,14 @@ from megatron_lite.errors import UserError
 from megatron_lite.training import engine as eng
 from megatron_lite.training.schedule import lr_at
 
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-# A model small enough that start-up, not compute, dominates every run.
-SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-heads", "4", "--num-kv-heads", "2",
-         "--ffn-hidden-size", "128", "--seq-length", "32"]
+import launch_utils
+from launch_utils import REPO, SMALL, build_data, losses, metrics, pretrain_args
+from launch_utils import env as _env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def run(script: str, args: list[str], ranks: int = 1, check: bool = True, launcher: str = "torchrun",
-        **env) -> subprocess.CompletedProcess:
-    """ranks > 1: the `deepspeed` launcher, or torchrun (same env contract, a few seconds less start-up)."""
-    if ranks == 1:
-        cmd = [sys.executable, str(REPO / script)]
-    elif launcher == "deepspeed":
-        cmd = [DEEPSPEED, "--master_port", str(_free_port()), "--num_gpus", str(ranks), str(REPO / script)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()), str(REPO / script)]
-    p = subprocess.run(cmd + [str(a) for a in args], cwd=REPO, env=_env(**env), capture_output=True, text=True,
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd + args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def metrics(ckpt) -> list[dict]:
-    return [json.loads(line) for line in open(Path(ckpt) / "metrics.jsonl")]
-
-
-def losses(ckpt) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in metrics(ckpt) if "loss" in m}
+def run(script: str, args: list, ranks: int = 1, check: bool = True, launcher: str = "torchrun", **env):
+    """Extra 2-rank runs here use torchrun (a few seconds less start-up than the deepspeed launcher)."""
+    return launch_utils.run(script, args, ranks, check, launcher, **env)
 
 
 def copy_at(src: Path, dst: Path, step: int) -> Path:
@@ -79,24 +43,7 @@ def copy_at(src: Path, dst: Path, step: int) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from megatron_lite.data.corpus import write_corpus
-
-    d = tmp_path_factory.mktemp("train_data")
-    write_corpus(str(d), pretrain_mb=0.3, sft_arith=200, seed=0)
-    for cmd in (["tools/train_tokenizer.py", "--input", d / "pretrain_train.jsonl", "--vocab-size", "400",
-                 "--output-dir", d / "tok"],
-                ["tools/preprocess_data.py", "--input", d / "pretrain_train.jsonl", "--output-prefix", d / "pt",
-                 "--tokenizer", d / "tok", "--append-eod"],
-                ["tools/preprocess_data.py", "--input", d / "sft_train.jsonl", "--output-prefix", d / "sft",
-                 "--tokenizer", d / "tok", "--chat"]):
-        subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO, env=_env(), check=True,
-                       capture_output=True)
-    return {"dir": d, "tok": d / "tok", "pt": str(d / "pt_text_document"), "sft": str(d / "sft_text_document")}
-
-
-def pretrain_args(data, save, iters, *extra):
-    return ["--model", "tiny", *SMALL, "--tokenizer", data["tok"], "--data-path", data["pt"], "--train-iters", iters,
-            "--lr", "3e-3", "--warmup-iters", "2", "--save", save, *extra]
+    return build_data(tmp_path_factory.mktemp("train_data"), sft=True)
 
 
 @pytest.fixture(scope="module")
