@@ -52,6 +52,8 @@ from benchmarks.common import (machine, measure_gemm_peak, paired_ratio, row, sa
 
 ZERO2 = os.path.join(ROOT, "ds_configs", "zero2.json")
 ZERO0 = os.path.join(ROOT, "ds_configs", "zero0.json")
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 LR, BETAS, WD, CLIP = 1e-3, (0.9, 0.95), 0.1, 1.0  # = ds_configs/zero2.json
 
 
@@ -294,6 +296,9 @@ def launch(args: list, world: int, env: dict, tries: int = 3) -> subprocess.Comp
     from megatron_lite.training.engine import _free_port
 
     me = os.path.abspath(__file__)
+    # This process may itself be a world of one (single_process_dims): its RANK/MASTER_PORT must not leak into
+    # the children, or they would all try to serve the store on this process's port.
+    env = {k: v for k, v in env.items() if k not in DIST_ENV}
     for attempt in range(tries):
         cmd = [sys.executable, me, *args] if world == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",

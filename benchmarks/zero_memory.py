@@ -88,7 +88,8 @@ def measure(preset: str, micro_batch: int, seq: int, log=print) -> dict:
                     "--worker-out", out]
             cmd = ([sys.executable, me, *args] if world == 1 else
                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", me, *args])
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // world)), "PYTHONPATH": ROOT}
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+            env.update(OMP_NUM_THREADS=str(max(1, 2 // world)), PYTHONPATH=ROOT)
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             if p.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
