@@ -33,8 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=6400, help="tokenizer vocabulary (default: 6400)")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="samples per rank per step (default: 8)")
-    p.add_argument("--pretrain-iters", type=int, default=200, help="pretraining optimizer steps (default: 200)")
-    p.add_argument("--sft-iters", type=int, default=120, help="SFT optimizer steps (default: 120)")
+    p.add_argument("--pretrain-iters", type=int, default=260, help="pretraining optimizer steps (default: 260)")
+    p.add_argument("--sft-iters", type=int, default=250, help="SFT optimizer steps (default: 250)")
+    p.add_argument("--sft-seq-length", type=int, default=96,
+                   help="tokens per SFT sample; the embedded conversations average ~32 tokens (default: 96)")
+    p.add_argument("--sft-micro-batch-size", type=int, default=16, help="SFT samples per rank per step (default: 16)")
     p.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate (default: 2e-3)")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT peak learning rate (default: 1e-3)")
     p.add_argument("--heldout-batches", type=int, default=40, help="batches of 8 held-out samples evaluated (default: 40)")
@@ -91,15 +94,16 @@ class Pipeline:
         self.run("preprocess SFT conversations", [py, "tools/preprocess_data.py", "--chat",
                                                   "--input", w / "corpus/sft_train.jsonl", "--output-prefix", w / "data/sft",
                                                   "--tokenizer", w / "tokenizer", "--workers", "2"])
-        common = ["--tokenizer", w / "tokenizer", "--seq-length", a.seq_length, "--micro-batch-size", a.micro_batch_size,
-                  "--seed", a.seed, "--log-interval", 5, "--eval-iters", 4]
+        common = ["--tokenizer", w / "tokenizer", "--seed", a.seed, "--log-interval", 5, "--eval-iters", 4]
         self.run("pretrain", self.deepspeed("launch/pretrain.py", [
-            *self.model_flags(), *common, "--data-path", w / "data/pretrain_train_text_document", "--split", "969,30,1",
+            *self.model_flags(), *common, "--seq-length", a.seq_length, "--micro-batch-size", a.micro_batch_size,
+            "--data-path", w / "data/pretrain_train_text_document", "--split", "969,30,1",
             "--train-iters", a.pretrain_iters, "--lr", a.lr, "--warmup-iters", max(1, a.pretrain_iters // 20),
             "--eval-interval", max(1, a.pretrain_iters // 5), "--save", w / "ckpt_pretrain",
             "--save-interval", a.pretrain_iters]), env=self.train_env)
         self.run("SFT", self.deepspeed("launch/sft.py", [
-            *common, "--pretrained", w / "ckpt_pretrain", "--data-path", w / "data/sft_text_document",
+            *common, "--seq-length", a.sft_seq_length, "--micro-batch-size", a.sft_micro_batch_size,
+            "--pretrained", w / "ckpt_pretrain", "--data-path", w / "data/sft_text_document",
             "--split", "95,5,0", "--train-iters", a.sft_iters, "--lr", a.sft_lr,
             "--warmup-iters", max(1, a.sft_iters // 20), "--eval-interval", max(1, a.sft_iters // 4),
             "--save", w / "ckpt_sft", "--save-interval", a.sft_iters, *(["--ep", "2"] if a.moe else [])]),

@@ -162,10 +162,13 @@ def write_corpus(output_dir: str, pretrain_mb: float = 8.0, sft_arith: int = 400
     try:
         for key, text in stdlib_documents(int(pretrain_mb * 1e6), seed):
             put("pretrain_valid" if _held_out(key) else "pretrain_train", {"text": text})
-        for q, conv in arithmetic_conversations(sft_arith, seed):
-            put("sft_valid" if _held_out(q) else "sft_train", {"conversations": conv})
-        for name, conv in stdlib_qa():
-            put("sft_valid" if _held_out(name, 10) else "sft_train", {"conversations": conv})
+        sft = [("sft_valid" if _held_out(q) else "sft_train", conv) for q, conv in arithmetic_conversations(sft_arith, seed)]
+        sft += [("sft_valid" if _held_out(name, 10) else "sft_train", conv) for name, conv in stdlib_qa()]
+        # Interleave the two kinds: training splits are contiguous ranges of documents (Megatron's --split),
+        # so a file of all arithmetic followed by all Q&A would make the validation split Q&A only.
+        random.Random(seed).shuffle(sft)
+        for k, conv in sft:
+            put(k, {"conversations": conv})
     finally:
         for f in files.values():
             f.close()
