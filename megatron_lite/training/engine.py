@@ -206,9 +206,6 @@ def build_model(config: ModelConfig, dims: ParallelDims, seed: int) -> torch.nn.
     ep_rank = dims.dp_rank % dims.ep  # rank inside DeepSpeed's expert-parallel group (consecutive dp ranks)
     kwargs = dict(ep_size=dims.ep, ep_rank=ep_rank)
     if dims.tp > 1:
-        import inspect
-        if "tp_group" not in inspect.signature(GPT).parameters:
-            raise UserError(f"--tp {dims.tp}: this model has no tensor-parallel layers yet; use --tp 1")
         kwargs["tp_group"] = dims.tp_group
     return GPT(config, **kwargs)
 
