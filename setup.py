@@ -21,7 +21,7 @@ extras_require = {
     "gpu": ["flash-attn>=2.6"],
     "app": ["streamlit>=1.40"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
-    "dev": ["pytest>=8", "megatron-core>=0.12", "openai>=1.40", "streamlit>=1.40",
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core>=0.12", "openai>=1.40", "streamlit>=1.40",
             "fastapi>=0.110", "uvicorn>=0.30"],
 }
 

@@ -54,7 +54,8 @@ def test_bad_folders_give_user_errors(tmp_path):
 
 
 DS_LOAD = r'''
-import os, sys, torch, deepspeed
+import os, sys, torch
+from megatron_lite.ds_runtime import deepspeed
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.gpt import GPT
 from megatron_lite.checkpoint_io import load_full_state_dict

@@ -323,8 +323,9 @@ def deepspeed_zero2_accepts_mpu(dims):
     # (counted once): the global grad norm then equals the full model's.
     import logging
 
-    import deepspeed
     from deepspeed.utils import logger
+
+    from megatron_lite.ds_runtime import deepspeed
     logger.setLevel(logging.WARNING)
     g = dims.tp_group
     torch.manual_seed(0)

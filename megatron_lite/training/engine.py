@@ -52,7 +52,7 @@ def init_distributed() -> tuple[int, int]:
     world of one on a free port (DeepSpeed would otherwise take the fixed port 29500, which collides with
     any other run on the machine).
     """
-    import deepspeed
+    from megatron_lite.ds_runtime import deepspeed
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
@@ -269,7 +269,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
     than it saves here. With optimizer offload DeepSpeed needs its own CPU Adam, so it builds it from the
     JSON instead. The `scheduler` and `wandb` sections are ours and are not passed on.
     """
-    import deepspeed
+    from megatron_lite.ds_runtime import deepspeed
 
     cfg = copy.deepcopy(ds_config)
     sched = lr_settings(cfg) if train else None
