@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 MICRO = dict(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=256, max_seq_len=64)
 ROW_FIELDS = {"benchmark", "ours", "peer", "unit", "ratio", "target", "target_op", "met"}
@@ -50,3 +52,19 @@ def test_benchmark_core_functions_write_run_all_fields(tmp_path):
     run_all.RESULTS = tmp_path  # plot into tmp, not benchmarks/results
     assert run_all.plot_ratios("moe_overhead", moe["rows"]).exists()
     assert run_all.plot_variants("train_throughput", train).exists()
+
+
+def test_decode_benchmark_rows_and_same_tokens(tmp_path):
+    out = tmp_path / "decode.json"
+    sets = [a for k, v in dict(MICRO, ffn_hidden_size=128).items() if k != "max_seq_len" for a in ("--set", f"{k}={v}")]
+    p = subprocess.run([sys.executable, "benchmarks/decode.py", *sets, "--batch-sizes", "2", "--new-tokens", "4",
+                        "--prompt-len", "8", "--prefill-len", "16", "--repeats", "1", "--no-compile",
+                        "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["runs"][0]["same_tokens"] is True  # our generator and HF generate agree on the same weights
+    assert [r["unit"] for r in data["rows"]] == ["tok/s", "tok/s"]
+    decode_row = data["rows"][0]
+    assert ROW_FIELDS <= set(decode_row) and decode_row["target"] == 2.0
+    assert decode_row["ratio"] == pytest.approx(decode_row["ours"] / decode_row["peer"])

@@ -13,7 +13,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.errors import exit_on_user_error  # noqa: E402
-from megatron_lite.inference.cli import add_model_args, add_sampling_args, sampling_params  # noqa: E402
+from megatron_lite.inference.cli import (add_model_args, add_sampling_args, load_for_inference,  # noqa: E402
+                                         sampling_params)
 
 
 def main(argv=None):
@@ -25,12 +26,11 @@ def main(argv=None):
                     help="tokens of history kept in the prompt (default: the model's max_seq_len)")
     args = ap.parse_args(argv)
     with exit_on_user_error("chat"):
-        from megatron_lite.checkpoint_io import load_model
         from megatron_lite.inference.chat import stream_chat
 
         params = sampling_params(args)
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; keep stdout clean
-            model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
+            model, tokenizer = load_for_inference(args)
         history = [{"role": "system", "content": args.system}] if args.system else []
         print("megatron_lite chat — /clear to reset, /exit or Ctrl-D to quit", file=sys.stderr)
         while True:

@@ -13,7 +13,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.errors import exit_on_user_error  # noqa: E402
-from megatron_lite.inference.cli import add_model_args, add_sampling_args, sampling_params  # noqa: E402
+from megatron_lite.inference.cli import (add_model_args, add_sampling_args, load_for_inference,  # noqa: E402
+                                         sampling_params)
 
 
 def main(argv=None):
@@ -25,13 +26,12 @@ def main(argv=None):
     add_sampling_args(ap)
     args = ap.parse_args(argv)
     with exit_on_user_error("generate"):
-        from megatron_lite.checkpoint_io import load_model
         from megatron_lite.inference.chat import build_prompt, prompt_budget
         from megatron_lite.inference.generate import stream
 
         params = sampling_params(args)
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; keep stdout clean
-            model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
+            model, tokenizer = load_for_inference(args)
         prompt = args.prompt
         if args.chat:
             prompt = build_prompt(tokenizer, [{"role": "user", "content": prompt}],

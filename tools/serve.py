@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
-from megatron_lite.inference.cli import add_model_args  # noqa: E402
+from megatron_lite.inference.cli import add_model_args, load_for_inference  # noqa: E402
 
 
 def main(argv=None):
@@ -39,13 +39,12 @@ def main(argv=None):
                     help="uvicorn log level")
     args = ap.parse_args(argv)
     with exit_on_user_error("serve"):
-        from megatron_lite.checkpoint_io import load_model
         from megatron_lite.inference.server import Limits, serve
 
         if not 0 < args.port < 65536:
             raise UserError(f"--port {args.port} is not a TCP port")
         with contextlib.redirect_stdout(sys.stderr):
-            model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
+            model, tokenizer = load_for_inference(args)
         limit = args.max_tokens_limit or model.config.max_seq_len
         for flag, v in (("--max-tokens-limit", limit), ("--max-body-bytes", args.max_body_bytes),
                         ("--timeout", args.timeout), ("--max-concurrency", args.max_concurrency),

@@ -21,6 +21,21 @@ def add_model_args(ap: argparse.ArgumentParser):
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="compute dtype (default float32; use bfloat16 on GPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="run each decode step as one torch.compile'd graph: faster steady-state decoding "
+                         "(about 2x on CPU for small models) after a one-off compile per batch size "
+                         "(tens of seconds on CPU)")
+
+
+def load_for_inference(args):
+    """(model, tokenizer) from the --load/--tag/--device/--dtype/--compile flags of add_model_args."""
+    from megatron_lite.checkpoint_io import load_model
+    from megatron_lite.inference.generate import compile_decoder
+
+    model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
+    if args.compile:
+        compile_decoder(model)
+    return model, tokenizer
 
 
 def sampling_params(args):

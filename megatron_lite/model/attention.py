@@ -46,18 +46,29 @@ class KVCache:
 
     Buffers are (B, n_kv_heads, max_len, head_dim); `length` is the number of positions already filled.
     The model advances `length` after every forward so all layers write at the same offset.
+
+    Static mode (`write_at` set, a (T,) index tensor): keys/values are written at those positions and the
+    whole buffer is returned, so every decode step has the same shapes and torch.compile builds one graph
+    (`GPT.decode_step`); the caller's mask hides the positions not yet written. The buffers start zeroed
+    because masked-out attention weights are 0 and 0 * (garbage NaN) would still be NaN.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0
+        self.write_at: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the new (B, n_kv, T, D) keys/values after the cached ones; return all keys/values so far."""
+        """Write the new (B, n_kv, T, D) keys/values after the cached ones; return all keys/values so far
+        (in static mode: at `write_at`, returning the whole buffer)."""
+        if self.write_at is not None:
+            self.k[layer].index_copy_(2, self.write_at, k)
+            self.v[layer].index_copy_(2, self.write_at, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -87,14 +98,21 @@ class Attention(nn.Module):
         self.v_proj = column_linear(h, kv_dim, bias, tp_group)
         self.o_proj = row_linear(h, h, bias, tp_group)
         self.o_proj.is_output_projection = True  # gets the depth-scaled init
+        # Inference only (`fuse_projections`): q/k/v weights as column blocks of one (in, q+k+v) matrix.
+        self.qkv_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # Head counts are read off the projections so a tensor-parallel shard (fewer local heads) works unchanged.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_head, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
+        if self.qkv_t is not None:  # one GEMM instead of three
+            q, k, v = (x @ self.qkv_t).split([self.q_proj.out_features, self.k_proj.out_features,
+                                              self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_head, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, S, D), S = past + T

@@ -19,8 +19,13 @@ class SwiGLU(nn.Module):
         self.up_proj = column_linear(hidden_size, ffn_hidden_size, False, tp_group)
         self.down_proj = row_linear(ffn_hidden_size, hidden_size, False, tp_group)
         self.down_proj.is_output_projection = True
+        # Inference only (`fuse_projections`): gate/up weights as column blocks of one (in, 2 * ffn) matrix.
+        self.gate_up_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_t is not None:  # one GEMM instead of two
+            gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

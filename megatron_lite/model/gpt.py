@@ -182,6 +182,23 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
         return GPTOutput(logits, loss, aux_total, torch.stack(counts) if counts else None)
 
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
+                    kv_cache: KVCache) -> torch.Tensor:
+        """One token per row against a cache in static mode: every shape is fixed by (B, cache length), so
+        this is the function `torch.compile` turns into one decode graph (`inference.generate.compile_decoder`).
+
+        input_ids, position_ids: (B, 1); key_mask: (B, L) bool, the cache positions each row attends to (the
+        one written now included); kv_cache.write_at: (1,) the position written now. Returns (B, vocab) fp32.
+        """
+        if self.tp_size > 1:
+            raise UserError("decode_step runs on one rank; load the checkpoint at tp 1 for generation")
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = key_mask[:, None, None, :]
+        for layer in self.layers:
+            x, _aux, _counts = layer(x, cos, sin, mask, kv_cache)
+        return F.linear(self.norm(x[:, -1]), self.output_weight()).float()
+
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.embed_tokens.weight
         local_kv_heads = self.config.num_kv_heads // self.tp_size  # tp: this rank's kv heads only
