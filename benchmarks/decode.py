@@ -121,7 +121,7 @@ def main(argv=None):
             return [s.ids for s in streams]
 
         sides = {"ours": run_ours}
-        if not args.no_compile:
+        if not args.no_compile and not config.is_moe:  # compile_decoder keeps MoE eager
             with contextlib.redirect_stdout(sys.stderr):
                 compiled = GPT(config).eval()
             compiled.load_state_dict(ours.state_dict())

@@ -60,6 +60,16 @@ def test_static_cache_decode_step_equals_dynamic_path(model):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
+def test_single_query_attention_equals_sdpa_with_gqa_and_mask():
+    from megatron_lite.model.attention import single_query_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = torch.rand(3, 1, 1, 10) > 0.4
+    mask[..., 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask), want, rtol=0, atol=1e-6)
+
+
 def test_compiled_decoder_gives_the_eager_tokens():
     model = tiny_model(tiny_config(), seed=5)
     want = generate(model, TOK, PROMPTS[:2], max_new_tokens=10, greedy=True, stop_at_eos=False)

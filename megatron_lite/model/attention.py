@@ -118,7 +118,9 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, S, D), S = past + T
         dropout = self.dropout if self.training else 0.0
 
-        if use_flash_attn(x, attn_mask) and (kv_cache is None or kv_cache.length == 0):
+        if T == 1 and kv_cache is not None and kv_cache.write_at is not None and attn_mask is not None:
+            y = single_query_attention(q, k, v, attn_mask).reshape(B, 1, -1)  # the compiled decode step
+        elif use_flash_attn(x, attn_mask) and (kv_cache is None or kv_cache.length == 0):
             from flash_attn import flash_attn_func  # (B, T, H, D) layout; GQA handled natively
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True)
             y = y.reshape(B, T, -1)
@@ -132,6 +134,21 @@ class Attention(nn.Module):
                                                is_causal=is_causal, enable_gqa=gqa)  # (B, n_head, T, D)
             y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, q (B, H, 1, D), over k/v (B, H_kv, S, D) where mask (B, 1, 1, S) is True.
+
+    The query heads sharing a kv head are stacked as rows, so GQA needs no K/V copies, and the whole
+    thing is two small batched GEMMs around a masked softmax, which inductor fuses; at decode sizes this
+    beats SDPA's flash kernel, whose tiling is built for long query blocks. Returns (B, H, 1, D).
+    """
+    B, H, _, D = q.shape
+    groups = H // k.shape[1]
+    qg = q.reshape(B, k.shape[1], groups, D)
+    scores = (qg @ k.transpose(-1, -2)) * D ** -0.5  # (B, H_kv, groups, S)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs @ v).reshape(B, H, 1, D)
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
