@@ -38,7 +38,7 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-len", type=int, default=256, help="prompt tokens for the prefill measurement")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on a shared 2-core machine, thread barriers on the "
                          "tiny decode ops cost more than the parallelism gains, for both sides)")

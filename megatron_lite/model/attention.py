@@ -16,6 +16,9 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.tensor_parallel import column_linear, group_size, row_linear
 
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+# Fused projections (inference layout) pay off while a step reads weights more than it computes; on long
+# prefills the strided q/k/v (gate/up) slices they produce slow the elementwise ops down more than that.
+FUSED_MAX_ROWS = 32
 
 
 def flash_attn_eligible(is_cuda: bool, dtype: torch.dtype, has_mask: bool, installed: bool = _FLASH_ATTN_INSTALLED) -> bool:
@@ -105,7 +108,7 @@ class Attention(nn.Module):
                 attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # Head counts are read off the projections so a tensor-parallel shard (fewer local heads) works unchanged.
-        if self.qkv_t is not None:  # one GEMM instead of three
+        if self.qkv_t is not None and B * T <= FUSED_MAX_ROWS:  # decoding: one GEMM instead of three
             q, k, v = (x @ self.qkv_t).split([self.q_proj.out_features, self.k_proj.out_features,
                                               self.v_proj.out_features], dim=-1)
         else:

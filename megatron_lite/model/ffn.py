@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.model.attention import FUSED_MAX_ROWS
 from megatron_lite.tensor_parallel import column_linear, row_linear
 
 
@@ -23,7 +24,7 @@ class SwiGLU(nn.Module):
         self.gate_up_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_t is not None:  # one GEMM instead of two
+        if self.gate_up_t is not None and x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:  # decoding: one GEMM, not two
             gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
