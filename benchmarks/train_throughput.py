@@ -47,7 +47,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.common import (machine, measure_gemm_peak, paired_ratio, row, save_result,  # noqa: E402
+from benchmarks.common import (measure_gemm_peak, paired_ratio, row, save_result,  # noqa: E402
                                time_interleaved, time_steps)
 
 ZERO2 = os.path.join(ROOT, "ds_configs", "zero2.json")
@@ -269,8 +269,9 @@ def sdpa_gqa_bench(config, batch: int, seq: int, repeats: int = 10) -> dict:
 
 # ---------------------------------------------------------------------------------------------- data parallel
 
-def worker_dp(a) -> None:
-    """One rank of the scaling test (run by --dp via torch.distributed.run or plain python)."""
+def start_rank(preset: str, micro_batch: int, seq_length: int):
+    """Start-up of one rank of a multi-process benchmark (this one's scaling test, zero_memory.py):
+    torch.distributed, our engine on `preset`, this rank's own batch. -> (rank, world, config, engine, step, x, y)"""
     from megatron_lite.config import get_preset
     from megatron_lite.parallel import ParallelDims
     from megatron_lite.training import engine as eng
@@ -278,9 +279,15 @@ def worker_dp(a) -> None:
     quiet_deepspeed()
     rank, world = eng.init_distributed()
     dims = ParallelDims.from_world(world).build()
-    config = get_preset(a.preset)
-    engine, step = ours_engine(config, dims, a.micro_batch)
-    x, y = make_batch(config, a.micro_batch, a.seq_length, seed=rank)
+    config = get_preset(preset)
+    engine, step = ours_engine(config, dims, micro_batch)
+    x, y = make_batch(config, micro_batch, seq_length, seed=rank)
+    return rank, world, config, engine, step, x, y
+
+
+def worker_dp(a) -> None:
+    """One rank of the scaling test (run by --dp via torch.distributed.run or plain python)."""
+    rank, world, _config, _engine, step, x, y = start_rank(a.preset, a.micro_batch, a.seq_length)
     sec = time_steps(lambda: step(x, y), warmup=a.warmup, iters=a.steps)
     t = torch.tensor([sec])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
@@ -320,7 +327,7 @@ def dp_scaling(preset: str, global_batch: int, seq: int, steps: int, warmup: int
                 args = ["--worker-dp", "--preset", preset, "--micro-batch", str(global_batch // world),
                         "--seq-length", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--worker-out", out]
                 env = {**os.environ, "OMP_NUM_THREADS": str(2 // world), "PYTHONPATH": ROOT}
-                p = launch(args, world, env)
+                launch(args, world, env)
                 with open(out) as f:
                     res = json.load(f)
                 runs[world].append(res["tokens_per_s"])

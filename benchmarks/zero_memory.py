@@ -53,17 +53,9 @@ def engine_memory(engine) -> dict:
 def worker(a) -> None:
     import torch
 
-    from benchmarks.train_throughput import make_batch, ours_engine, quiet_deepspeed
-    from megatron_lite.config import get_preset
-    from megatron_lite.parallel import ParallelDims
-    from megatron_lite.training import engine as eng
+    from benchmarks.train_throughput import start_rank
 
-    quiet_deepspeed()
-    rank, world = eng.init_distributed()
-    dims = ParallelDims.from_world(world).build()
-    config = get_preset(a.preset)
-    engine, step = ours_engine(config, dims, a.micro_batch)
-    x, y = make_batch(config, a.micro_batch, a.seq_length, seed=rank)
+    rank, world, config, engine, _step, x, y = start_rank(a.preset, a.micro_batch, a.seq_length)
     # ZeRO-2 only keeps the gradient partition between backward and step; count it there.
     out = engine(x, y)
     engine.backward(out.loss)
