@@ -56,6 +56,21 @@ def run(args):
     return pp.main([str(a) for a in args])
 
 
+def test_ascii_texts_skip_nfkc_with_the_same_ids(tok_dir):
+    from tokenizers import Tokenizer
+    backend = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    twin = pp._without_unicode_normalizer(backend)
+    assert type(backend.normalizer).__name__ == "NFKC" and twin is not None and twin.normalizer is None
+    texts = GOOD + ["ﬁne ligature, ＦＵＬＬ width"]  # NFKC changes the last one: it must keep the normalizer
+    pp._W.update(backend=backend, ascii_backend=twin)
+    try:
+        ids, rejected = pp._encode_texts(texts + ["lone \ud800"])
+    finally:
+        pp._W.clear()
+    assert ids[:-1] == [backend.encode(t, add_special_tokens=False).ids for t in texts] and rejected == [len(texts)]
+    assert twin.encode("ﬁne", add_special_tokens=False).ids != backend.encode("ﬁne", add_special_tokens=False).ids
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_round_trip_and_bad_line_counts(tmp_path, tok_dir, workers):
     inp = tmp_path / "in.jsonl"

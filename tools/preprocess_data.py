@@ -147,8 +147,25 @@ def _init_worker(tokenizer_file, keys, append_eod, chat, dtype, eod, threads_ok)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer  # the bare Rust tokenizer: workers start fast, no transformers
 
-    _W.update(backend=Tokenizer.from_file(tokenizer_file), keys=keys, eod=eod,
+    backend = Tokenizer.from_file(tokenizer_file)
+    _W.update(backend=backend, ascii_backend=_without_unicode_normalizer(backend), keys=keys, eod=eod,
               append_eod=append_eod, chat=chat, dtype=dtype)
+
+
+# Unicode normal forms leave ASCII text as it is: for an ASCII document, the tokenizer without this
+# normalizer gives the same ids, and skipping NFKC makes encoding ~1.35x faster on the embedded corpus.
+_ASCII_STABLE_NORMALIZERS = ("NFKC", "NFC", "NFKD", "NFD")
+
+
+def _without_unicode_normalizer(backend):
+    """A copy of `backend` with no normalizer, or None if its normalizer may change ASCII text."""
+    if type(backend.normalizer).__name__ not in _ASCII_STABLE_NORMALIZERS:
+        return None
+    from tokenizers import Tokenizer
+
+    twin = Tokenizer.from_str(backend.to_str())
+    twin.normalizer = None
+    return twin
 
 
 def _parse(item, keys):
@@ -175,8 +192,28 @@ def _parse(item, keys):
     return values, None
 
 
-def _encode_texts(backend, texts):
+def _encode_texts(texts):
+    """Token ids of each text (None for a text the tokenizer rejects) and the indices of those rejected.
+    ASCII texts skip the Unicode normalizer (same ids, see _ASCII_STABLE_NORMALIZERS)."""
+    twin = _W["ascii_backend"]
+    if twin is None:
+        return _encode_batch(_W["backend"], texts)
+    plain = [i for i, t in enumerate(texts) if t.isascii()]
+    other = [i for i, t in enumerate(texts) if not t.isascii()]
+    out: list = [None] * len(texts)
+    rejected = []
+    for backend, where in ((twin, plain), (_W["backend"], other)):
+        ids, bad = _encode_batch(backend, [texts[i] for i in where])
+        for i, x in zip(where, ids):
+            out[i] = x
+        rejected += [where[b] for b in bad]
+    return out, sorted(rejected)
+
+
+def _encode_batch(backend, texts):
     """encode_batch, falling back per text to find strings the tokenizer rejects (lone surrogates)."""
+    if not texts:
+        return [], []
     try:
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)], []
     except TypeError:
@@ -227,7 +264,7 @@ def _encode_text_rows(rows, keys, bad):
             good.append((lineno, vals))
     per_key, dropped = {}, {}
     for j, k in enumerate(keys):
-        ids, rejected = _encode_texts(_W["backend"], [vals[j] for _, vals in good])
+        ids, rejected = _encode_texts([vals[j] for _, vals in good])
         for i in rejected:
             dropped.setdefault(i, "invalid_utf8")
         per_key[k] = ids
