@@ -254,7 +254,7 @@ def use_cpu_decode_layout(model):
     memory. `x @ W.T` with W (out, in) stored column-major runs as the plain "NN" GEMM, which streams the
     weights about 1.6x faster than the "NT" GEMM that nn.Linear's row-major default gets, and the q/k/v
     (and SwiGLU gate/up) weights become column blocks of one matrix, so each is one larger GEMM instead of
-    three (two) (`tiny`, batch 1: the step's GEMVs 2.3 -> 1.1 ms). For inference only: training,
+    three (two) (`tiny`, batch 1: the step's GEMVs 2.3 -> ~1.2 ms). For inference only: training,
     optimizers and ZeRO expect contiguous parameters. GPU models are left alone.
     """
     from megatron_lite.model.attention import Attention

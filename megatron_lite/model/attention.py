@@ -101,7 +101,7 @@ class Attention(nn.Module):
         self.v_proj = column_linear(h, kv_dim, bias, tp_group)
         self.o_proj = row_linear(h, h, bias, tp_group)
         self.o_proj.is_output_projection = True  # gets the depth-scaled init
-        # Inference only (`fuse_projections`): q/k/v weights as column blocks of one (in, q+k+v) matrix.
+        # Inference only (`use_cpu_decode_layout`): q/k/v weights as column blocks of one (in, q+k+v) matrix.
         self.qkv_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -20,7 +20,7 @@ class SwiGLU(nn.Module):
         self.up_proj = column_linear(hidden_size, ffn_hidden_size, False, tp_group)
         self.down_proj = row_linear(ffn_hidden_size, hidden_size, False, tp_group)
         self.down_proj.is_output_projection = True
-        # Inference only (`fuse_projections`): gate/up weights as column blocks of one (in, 2 * ffn) matrix.
+        # Inference only (`use_cpu_decode_layout`): gate/up weights as column blocks of one (in, 2 * ffn) matrix.
         self.gate_up_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
