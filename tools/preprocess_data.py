@@ -153,7 +153,7 @@ def _init_worker(tokenizer_file, keys, append_eod, chat, dtype, eod, threads_ok)
 
 
 # Unicode normal forms leave ASCII text as it is: for an ASCII document, the tokenizer without this
-# normalizer gives the same ids, and skipping NFKC makes encoding ~1.35x faster on the embedded corpus.
+# normalizer gives the same ids, and skipping NFKC saves ~8 % of the encoding time (embedded corpus, 1 core).
 _ASCII_STABLE_NORMALIZERS = ("NFKC", "NFC", "NFKD", "NFD")
 
 
