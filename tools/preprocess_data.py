@@ -198,8 +198,9 @@ def _encode_texts(texts):
     twin = _W["ascii_backend"]
     if twin is None:
         return _encode_batch(_W["backend"], texts)
-    plain = [i for i, t in enumerate(texts) if t.isascii()]
-    other = [i for i, t in enumerate(texts) if not t.isascii()]
+    plain, other = [], []
+    for i, t in enumerate(texts):
+        (plain if t.isascii() else other).append(i)
     out: list = [None] * len(texts)
     rejected = []
     for backend, where in ((twin, plain), (_W["backend"], other)):
