@@ -114,7 +114,7 @@ class ScriptedLM(nn.Module):
         self.config = tiny_config(vocab_size=vocab, max_seq_len=256)
         self.embed_tokens = nn.Embedding(1, 1)
 
-    def new_kv_cache(self, batch, max_len):
+    def new_kv_cache(self, batch, max_len, keys_transposed=False):
         class Cache:
             length = 0
         return Cache()

@@ -203,16 +203,20 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
     cache_len = P + new_tokens
     if compiled:  # static shapes: a power-of-two cache length, so a few graphs serve every prompt length
         cache_len = min(max_len, max(64, 1 << (cache_len - 1).bit_length()))
-    cache = model.new_kv_cache(B, cache_len)
+    # the compiled step reads keys position-major: its score loop then runs contiguous over the cache
+    cache = model.new_kv_cache(B, cache_len, keys_transposed=compiled is not None)
     attn = mask if padded else None
     logits = model(ids, position_ids=positions, attention_mask=attn, kv_cache=cache, logits_to_keep=1).logits[:, -1]
     pos = positions[:, -1:]
+    greedy_pick = None  # the compiled step's in-graph argmax, when that is the whole sampling rule
     if compiled:
-        cache_pos = torch.arange(cache_len, device=device)
         allowed = torch.ones((B, cache_len), dtype=torch.bool, device=device)  # prompt padding stays hidden
         allowed[:, :P] = mask.bool()
     for step in range(new_tokens):
-        nxt = pick_next(process_logits(logits.float(), seen, p), p, gen)  # (B,)
+        if greedy_pick is not None:
+            nxt = greedy_pick
+        else:
+            nxt = pick_next(process_logits(logits.float(), seen, p), p, gen)  # (B,)
         deltas = [""] * B
         host = nxt.tolist()
         for i in range(B):
@@ -238,7 +242,8 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
         pos = pos + 1
         if compiled:
             cache.write_at = torch.tensor([cache.length], device=device)
-            logits = compiled(nxt[:, None], pos, allowed & (cache_pos <= cache.length), cache)
+            logits, argmax = compiled(nxt[:, None], pos, allowed, cache)
+            greedy_pick = argmax if p.is_greedy and seen is None else None
             cache.length += 1
             continue
         if attn is not None:
@@ -305,6 +310,11 @@ def compile_decoder(model, **compile_kwargs):
     compile_kwargs.setdefault("dynamic", False)
     if next(model.parameters()).device.type == "cpu":
         compile_kwargs.setdefault("options", {"freezing": True})
+    from megatron_lite.model.attention import rope_cos_sin
+    p = next(model.parameters())
+    pos = torch.arange(model.config.max_seq_len, device=p.device)[None]
+    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta, p.dtype)
+    model.register_buffer("rope_table", torch.stack([cos[0, 0], sin[0, 0]]), persistent=False)
     model.compiled_decode = torch.compile(model.decode_step, **compile_kwargs)
     return model
 

@@ -57,9 +57,15 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, keys_transposed: bool = False):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_t = None
+        if keys_transposed:
+            kshape = (batch_size, num_kv_heads, head_dim, max_len)
+            self.k_t = [torch.zeros(kshape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.k = [kt.transpose(2, 3) for kt in self.k_t]
+        else:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0
@@ -69,6 +75,10 @@ class KVCache:
         """Write the new (B, n_kv, T, D) keys/values after the cached ones; return all keys/values so far
         (in static mode: at `write_at`, returning the whole buffer)."""
         if self.write_at is not None:
+            if self.k_t is not None:
+                self.k_t[layer].index_copy_(3, self.write_at, k.transpose(2, 3))
+                self.v[layer].index_copy_(2, self.write_at, v)
+                return self.k_t[layer].transpose(2, 3), self.v[layer]
             self.k[layer].index_copy_(2, self.write_at, k)
             self.v[layer].index_copy_(2, self.write_at, v)
             return self.k[layer], self.v[layer]
@@ -77,6 +87,8 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
+        if self.length == 0:  # the prompt: attend to the fresh (contiguous) tensors, not strided cache slices
+            return k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -149,9 +161,9 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     B, H, _, D = q.shape
     groups = H // k.shape[1]
     qg = q.reshape(B, k.shape[1], groups, D)
-    scores = (qg @ k.transpose(-1, -2)) * D ** -0.5  # (B, H_kv, groups, S)
+    scores = (qg[..., None] * k.transpose(-1, -2)[:, :, None]).sum(-2) * D ** -0.5  # (B, H_kv, groups, S)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (probs @ v).reshape(B, H, 1, D)
+    return (probs[..., None] * v[:, :, None]).sum(-2).reshape(B, H, 1, D)
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:

@@ -182,25 +182,33 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
         return GPTOutput(logits, loss, aux_total, torch.stack(counts) if counts else None)
 
-    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
-                    kv_cache: KVCache) -> torch.Tensor:
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor,
+                    kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row against a cache in static mode: every shape is fixed by (B, cache length), so
         this is the function `torch.compile` turns into one decode graph (`inference.generate.compile_decoder`).
 
-        input_ids, position_ids: (B, 1); key_mask: (B, L) bool, the cache positions each row attends to (the
-        one written now included); kv_cache.write_at: (1,) the position written now. Returns (B, vocab) fp32.
+        input_ids, position_ids: (B, 1); allowed: (B, L) bool, False at cache positions a row must never see
+        (its prompt padding); kv_cache.write_at: (1,) the position written now, positions after it are
+        hidden here. Returns the (B, vocab) fp32 logits and their (B,) argmax: the greedy pick, computed
+        inside the graph because a separate argmax over the vocabulary costs more than a layer's norm.
         """
         if self.tp_size > 1:
             raise UserError("decode_step runs on one rank; load the checkpoint at tp 1 for generation")
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = key_mask[:, None, None, :]
+        table = getattr(self, "rope_table", None)  # compile_decoder's (2, max_seq_len, head_dim) cos/sin
+        if table is not None:
+            cos, sin = table[0][position_ids][:, None], table[1][position_ids][:, None]  # (B, 1, 1, head_dim)
+        else:
+            cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cache_pos = torch.arange(allowed.shape[1], device=allowed.device)
+        mask = (allowed & (cache_pos <= kv_cache.write_at))[:, None, None, :]  # (B, 1, 1, L)
         for layer in self.layers:
             x, _aux, _counts = layer(x, cos, sin, mask, kv_cache)
-        return F.linear(self.norm(x[:, -1]), self.output_weight()).float()
+        logits = F.linear(self.norm(x[:, -1]), self.output_weight()).float()
+        return logits, logits.argmax(-1)
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, keys_transposed: bool = False) -> KVCache:
         p = self.embed_tokens.weight
         local_kv_heads = self.config.num_kv_heads // self.tp_size  # tp: this rank's kv heads only
         return KVCache(self.config.num_layers, batch_size, local_kv_heads, self.config.head_dim,
-                       max_len or self.config.max_seq_len, p.dtype, p.device)
+                       max_len or self.config.max_seq_len, p.dtype, p.device, keys_transposed)
