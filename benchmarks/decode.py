@@ -6,14 +6,19 @@
 A random-weight model of the given preset is exported with our HF converter and loaded with stock
 `AutoModelForCausalLM`, so both sides run exactly the same weights (greedy tokens are checked to agree).
 Both generate greedily with no early stop. Ours runs twice: eager, and with `compile_decoder` (each decode
-step one torch.compile'd graph; its compile happens in the untimed warm-up). Per batch size:
+step one torch.compile'd graph; its compile happens in the untimed warm-up). Per thread count and batch size:
   prefill tok/s = B * prefill_len / time(generate 1 token from a prefill_len prompt)
   decode  tok/s = B * (N - 1) / (time(generate N tokens) - time(generate 1 token))
-Medians over --repeats interleaved runs after a warm-up, by wall clock and by process CPU time (the latter
-is robust to other jobs on a shared machine). Results go to benchmarks/results/decode.json.
+Each thread count (default: 1, and every core, torch's own default) gets its own compiled model, because
+inductor fixes a kernel's thread count when it compiles it. Runs are interleaved (ours, HF, ours, ...) for
+--repeats rounds after a warm-up, with the garbage collector paused while a run is timed (as `timeit` does:
+a collection of the other side's garbage would land on whichever run it interrupts). Reported: tok/s from
+the median round, and the speedup as the median over rounds of the paired ratio, by wall clock and by process
+CPU time (the latter robust to other jobs on a shared machine). Results go to benchmarks/results/decode.json.
 """
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -39,9 +44,9 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared 2-core machine, thread barriers on the "
-                         "tiny decode ops cost more than the parallelism gains, for both sides)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                    help="torch intra-op thread counts to measure, each against HF at the same count (default: 1 "
+                         "and every core; one thread is the per-core comparison, immune to a busy second core)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled-decoder variant")
     ap.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                      "decode.json"), help="JSON results file")
@@ -53,31 +58,50 @@ def clocks():
 
 
 def measure(fns: dict, repeats: int) -> dict:
-    """Median wall and process-CPU seconds of each zero-arg fn; runs are interleaved (a, b, a, b, ...) so
-    load from other processes on a shared machine hits both sides alike. One untimed warm-up each."""
+    """Per-round (wall, process-CPU) seconds of each zero-arg fn: {key: ([wall per round], [cpu per round])}.
+    Runs are interleaved (a, b, a, b, ...) so load from other processes hits both sides alike; one untimed
+    warm-up each; the garbage collector is paused inside each timed run and run between rounds."""
     for fn in fns.values():
         fn()
     wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for _ in range(repeats):
+        gc.collect()
         for k, fn in fns.items():
-            w0, c0 = clocks()
-            fn()
-            w1, c1 = clocks()
+            gc.disable()
+            try:
+                w0, c0 = clocks()
+                fn()
+                w1, c1 = clocks()
+            finally:
+                gc.enable()
             wall[k].append(w1 - w0)
             cpu[k].append(c1 - c0)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+    return {k: (wall[k], cpu[k]) for k in fns}
 
 
-def table_rows(label: str, side: str, ours: dict, hf: dict) -> list[dict]:
-    """results.md rows: decode and prefill tok/s vs HF (wall-clock ratio, CPU-time ratio alongside)."""
+def table_rows(label: str, side: str, ours: dict, hf: dict, speedup: dict) -> list[dict]:
+    """results.md rows: decode and prefill tok/s vs HF; ratio = median paired wall-time ratio (CPU-time alongside)."""
     from benchmarks.common import row
 
     out = []
     for metric, target in (("decode_tok_s", 2.0), ("prefill_tok_s", None)):
-        o, h = ours["wall"][metric], hf["wall"][metric]
-        out.append(row(f"{label}: {metric} {side} vs HF generate", o, h, "tok/s", target=target,
-                       ratio_cpu_time=ours["cpu"][metric] / hf["cpu"][metric]))
+        key = metric.split("_")[0]
+        out.append(row(f"{label}: {metric} {side} vs HF generate", ours["wall"][metric], hf["wall"][metric], "tok/s",
+                       ratio=speedup[key]["wall"], target=target, ratio_cpu_time=speedup[key]["cpu"]))
     return out
+
+
+def rates(t: dict, side: str, B: int, prefill_len: int, n: int) -> tuple[dict, dict]:
+    """({clock: tok/s figures of the median round}, {clock: per-round prefill and decode seconds})."""
+    figures, per_round = {}, {}
+    for clock, i in (("wall", 0), ("cpu", 1)):
+        prefill = t[(side, "prefill")][i]
+        decode = [a - b for a, b in zip(t[(side, "all")][i], t[(side, "one")][i])]
+        per_round[clock] = {"prefill": prefill, "decode": decode}
+        figures[clock] = {"prefill_tok_s": round(B * prefill_len / statistics.median(prefill), 1),
+                          "decode_tok_s": round(B * (n - 1) / statistics.median(decode), 1),
+                          "decode_ms_per_step": round(1000 * statistics.median(decode) / (n - 1), 3)}
+    return figures, per_round
 
 
 def main(argv=None):
@@ -85,11 +109,13 @@ def main(argv=None):
     with exit_on_user_error("decode"):
         from transformers import AutoModelForCausalLM
 
+        from benchmarks.common import paired_ratio
         from megatron_lite.config import get_preset
         from megatron_lite.convert.hf import save_hf_folder
         from megatron_lite.inference.generate import SamplingParams, _steps, compile_decoder, use_cpu_decode_layout
 
-        torch.set_num_threads(args.threads)
+        if any(t < 1 for t in args.threads):
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.manual_seed(0)
         overrides = {}
         for item in args.set:
@@ -120,55 +146,55 @@ def main(argv=None):
                 pass
             return [s.ids for s in streams]
 
-        sides = {"ours": run_ours}
-        if not args.no_compile and not config.is_moe:  # compile_decoder keeps MoE eager
-            with contextlib.redirect_stdout(sys.stderr):
-                compiled = GPT(config).eval()
-            compiled.load_state_dict(ours.state_dict())
-            compile_decoder(use_cpu_decode_layout(compiled))
-            sides["ours_compiled"] = lambda ids, n: run_ours(ids, n, compiled)
-
         @torch.inference_mode()
         def run_hf(ids, n):
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, eos_token_id=None, pad_token_id=0)
             return out[:, ids.shape[1]:].tolist()
 
-        results = {"model": args.model, "overrides": overrides, "params_M": round(config.num_params() / 1e6, 2), "threads": args.threads,
-                   "prompt_len": args.prompt_len, "prefill_len": args.prefill_len, "new_tokens": args.new_tokens,
+        results = {"model": args.model, "overrides": overrides, "params_M": round(config.num_params() / 1e6, 2),
+                   "threads": list(dict.fromkeys(args.threads)), "prompt_len": args.prompt_len,
+                   "prefill_len": args.prefill_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "runs": []}
         rows = []
-        for B in args.batch_sizes:
-            g = torch.Generator().manual_seed(B)
-            ids = torch.randint(3, config.vocab_size, (B, args.prompt_len), generator=g)
-            long_ids = torch.randint(3, config.vocab_size, (B, args.prefill_len), generator=g)
-            row = {"batch": B}
-            n = args.new_tokens
-            t = measure({(side, what): (lambda fn=fn, x=x, k=k: fn(x, k))
-                         for side, fn in (*sides.items(), ("hf", run_hf))
-                         for what, x, k in (("prefill", long_ids, 1), ("one", ids, 1), ("all", ids, n))},
-                        args.repeats)
-            for side in (*sides, "hf"):
-                row[side] = {}
-                for clock, i in (("wall", 0), ("cpu", 1)):
-                    decode_s = t[(side, "all")][i] - t[(side, "one")][i]
-                    row[side][clock] = {"prefill_tok_s": round(B * args.prefill_len / t[(side, "prefill")][i], 1),
-                                        "decode_tok_s": round(B * (n - 1) / decode_s, 1),
-                                        "decode_ms_per_step": round(1000 * decode_s / (n - 1), 3)}
-            hf_tokens = run_hf(ids, n)
-            row["same_tokens"] = all(fn(ids, n) == hf_tokens for fn in sides.values())
-            for side in sides:
-                o, h = row[side], row["hf"]
-                row[f"{side}_decode_speedup"] = {c: round(o[c]["decode_tok_s"] / h[c]["decode_tok_s"], 2) for c in o}
-                row[f"{side}_prefill_speedup"] = {c: round(o[c]["prefill_tok_s"] / h[c]["prefill_tok_s"], 2) for c in o}
-                for clock in ("wall", "cpu"):
-                    print(f"batch {B} [{clock:4s}] decode {side} {o[clock]['decode_tok_s']:8.1f} tok/s vs HF "
-                          f"{h[clock]['decode_tok_s']:8.1f} ({row[f'{side}_decode_speedup'][clock]}x) | prefill "
-                          f"{o[clock]['prefill_tok_s']:8.1f} vs HF {h[clock]['prefill_tok_s']:8.1f} "
-                          f"({row[f'{side}_prefill_speedup'][clock]}x)", flush=True)
-                rows += table_rows(f"decode {args.model} (batch {B})", side, o, h)
-            print(f"batch {B}: identical greedy tokens: {row['same_tokens']}", flush=True)
-            results["runs"].append(row)
+        n = args.new_tokens
+        for threads in results["threads"]:
+            torch.set_num_threads(threads)
+            sides = {"ours": run_ours}
+            if not args.no_compile and not config.is_moe:  # compile_decoder keeps MoE eager
+                with contextlib.redirect_stdout(sys.stderr):
+                    compiled = GPT(config).eval()
+                compiled.load_state_dict(ours.state_dict())
+                compile_decoder(use_cpu_decode_layout(compiled))  # compiled for this thread count
+                sides["ours_compiled"] = lambda ids, n, model=compiled: run_ours(ids, n, model)
+            for B in args.batch_sizes:
+                g = torch.Generator().manual_seed(B)
+                ids = torch.randint(3, config.vocab_size, (B, args.prompt_len), generator=g)
+                long_ids = torch.randint(3, config.vocab_size, (B, args.prefill_len), generator=g)
+                t = measure({(side, what): (lambda fn=fn, x=x, k=k: fn(x, k))
+                             for side, fn in (*sides.items(), ("hf", run_hf))
+                             for what, x, k in (("prefill", long_ids, 1), ("one", ids, 1), ("all", ids, n))},
+                            args.repeats)
+                row = {"threads": threads, "batch": B}
+                per_round = {}
+                for side in (*sides, "hf"):
+                    row[side], per_round[side] = rates(t, side, B, args.prefill_len, n)
+                hf_tokens = run_hf(ids, n)
+                row["same_tokens"] = all(fn(ids, n) == hf_tokens for fn in sides.values())
+                label = f"decode {args.model} (batch {B}, {threads} thread{'s' if threads > 1 else ''})"
+                for side in sides:
+                    speedup = {what: {c: round(paired_ratio(per_round["hf"][c][what], per_round[side][c][what]), 2)
+                                      for c in ("wall", "cpu")} for what in ("decode", "prefill")}
+                    row[f"{side}_decode_speedup"], row[f"{side}_prefill_speedup"] = speedup["decode"], speedup["prefill"]
+                    o, h = row[side], row["hf"]
+                    for clock in ("wall", "cpu"):
+                        print(f"{threads} thread(s), batch {B} [{clock:4s}] decode {side} {o[clock]['decode_tok_s']:8.1f} "
+                              f"tok/s vs HF {h[clock]['decode_tok_s']:8.1f} ({speedup['decode'][clock]}x) | prefill "
+                              f"{o[clock]['prefill_tok_s']:8.1f} vs HF {h[clock]['prefill_tok_s']:8.1f} "
+                              f"({speedup['prefill'][clock]}x)", flush=True)
+                    rows += table_rows(label, side, o, h, speedup)
+                print(f"{threads} thread(s), batch {B}: identical greedy tokens: {row['same_tokens']}", flush=True)
+                results["runs"].append(row)
         results["rows"] = rows
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
