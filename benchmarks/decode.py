@@ -161,7 +161,7 @@ def main(argv=None):
         for threads in results["threads"]:
             torch.set_num_threads(threads)
             sides = {"ours": run_ours}
-            if not args.no_compile and not config.is_moe:  # compile_decoder keeps MoE eager
+            if not args.no_compile:
                 with contextlib.redirect_stdout(sys.stderr):
                     compiled = GPT(config).eval()
                 compiled.load_state_dict(ours.state_dict())

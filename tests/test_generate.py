@@ -70,12 +70,26 @@ def test_single_query_attention_equals_sdpa_with_gqa_and_mask():
     torch.testing.assert_close(single_query_attention(q, k, v, mask), want, rtol=0, atol=1e-6)
 
 
-def test_compiled_decoder_gives_the_eager_tokens():
-    model = tiny_model(tiny_config(), seed=5)
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_compiled_decoder_gives_the_eager_tokens(moe):
+    model = tiny_model(tiny_config(moe=moe), seed=5)
     want = generate(model, TOK, PROMPTS[:2], max_new_tokens=10, greedy=True, stop_at_eos=False)
     compile_decoder(model)
     got = generate(model, TOK, PROMPTS[:2], max_new_tokens=10, greedy=True, stop_at_eos=False)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_static_moe_routing_equals_sparse_dispatch():
+    # compile_decoder's MoE path runs every expert on every token with the unchosen ones weighted 0;
+    # outputs, balancing loss and per-expert counts must be the sparse dispatch's
+    model = tiny_model(tiny_config(moe=True), seed=6)
+    x = torch.randn(3, 5, model.config.hidden_size)
+    for layer in model.layers:
+        with torch.no_grad():
+            want, got = layer.mlp._eval_forward(x), layer.mlp._static_forward(x)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        assert got[2].tolist() == want[2].tolist() and want[2].sum() == 3 * 5 * model.config.topk
 
 
 def test_seeded_sampling_is_reproducible(model):

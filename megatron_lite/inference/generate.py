@@ -11,13 +11,13 @@ prefix of a stop string that might still complete.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
 from megatron_lite.errors import UserError
+from megatron_lite.model.attention import rope_cos_sin
 
 
 @dataclass
@@ -296,24 +296,20 @@ def compile_decoder(model, **compile_kwargs):
 
     The step's shapes depend only on the batch size and the KV cache length, which is rounded up to a power
     of two (>= 64, masked past the current position), so a server compiles a few graphs per batch size,
-    never one per prompt length. Inductor fuses the norm/RoPE/SwiGLU elementwise ops into a handful of
-    kernels, removing most of the per-op dispatch that dominates small-model decoding; on CPU it also
-    freezes the weights into prepacked MKL matrices (a second copy of the weights; later weight changes
-    are not seen: compile after loading). Each new shape pays a compile (tens of seconds on 2 cores).
-    Prefill stays eager. Greedy tokens equal the eager path's.
+    never one per prompt length. Inductor fuses the norm/RoPE/SwiGLU/attention elementwise ops into a
+    handful of kernels, removing most of the per-op dispatch that dominates small-model decoding; on CPU it
+    also freezes the weights (a second copy of the weights; later weight changes are not seen: compile
+    after loading). MoE layers route with static shapes inside the graph (`MoEFeedForward._static_forward`).
+    Each new shape pays a compile (tens of seconds on 2 cores). Prefill stays eager. Greedy tokens equal
+    the eager path's.
     """
-    if model.config.is_moe:
-        # measured on tiny-moe: the data-dependent routing splits the step into many small graphs, which
-        # run slower than eager (batch 1: 217 vs 254 tok/s)
-        print("compile_decoder: MoE decoding stays eager (compiled routing is slower)", file=sys.stderr)
-        return model
     compile_kwargs.setdefault("dynamic", False)
-    if next(model.parameters()).device.type == "cpu":
-        compile_kwargs.setdefault("options", {"freezing": True})
-    from megatron_lite.model.attention import rope_cos_sin
     p = next(model.parameters())
-    pos = torch.arange(model.config.max_seq_len, device=p.device)[None]
-    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta, p.dtype)
+    if p.device.type == "cpu":
+        compile_kwargs.setdefault("options", {"freezing": True})
+    # RoPE for every position, computed once: looked up in the graph instead of cos/sin per layer and step
+    cos, sin = rope_cos_sin(torch.arange(model.config.max_seq_len, device=p.device)[None], model.config.head_dim,
+                            model.config.rope_theta, p.dtype)  # (1, 1, max_seq_len, head_dim) each
     model.register_buffer("rope_table", torch.stack([cos[0, 0], sin[0, 0]]), persistent=False)
     model.compiled_decode = torch.compile(model.decode_step, **compile_kwargs)
     return model

@@ -102,6 +102,8 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor):
         """(B, T, C) -> (B, T, C), weighted aux loss (scalar), tokens routed to each expert (E,)."""
         if not self.training and self.moe.ep_size == 1:
+            if torch.compiler.is_compiling():
+                return self._static_forward(x)
             return self._eval_forward(x)
         y, aux, counts = self.moe(x)
         return y, aux, counts
@@ -119,4 +121,21 @@ class MoEFeedForward(nn.Module):
         for e in counts.nonzero().flatten().tolist():
             token, slot = (top.indices == e).nonzero(as_tuple=True)
             out.index_add_(0, token, self.local_experts[e](flat[token]).float() * weights[token, slot, None])
+        return out.to(x.dtype).view_as(x), gate.aux_loss(logits, top.indices), counts
+
+    def _static_forward(self, x: torch.Tensor):
+        """`_eval_forward` with shapes fixed by the input's alone, for torch.compile (`compile_decoder`): every
+        expert runs on every token and the unchosen ones are weighted by exactly 0, so the graph has no
+        data-dependent indexing; the sum adds the chosen experts' outputs in the same order, hence the same
+        values. Costs E/k times the expert FLOPs: meant for decode-sized inputs, where reading the weights
+        dominates."""
+        gate = self.gate
+        flat = x.reshape(-1, x.shape[-1])  # (S, C)
+        logits = F.linear(flat.float(), gate.wg.weight.float())  # (S, E)
+        top = logits.topk(gate.k, dim=-1)
+        dense = torch.zeros_like(logits).scatter(1, top.indices, F.softmax(top.values, dim=-1))  # (S, E)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        for e, expert in enumerate(self.local_experts):
+            out = out + expert(flat).float() * dense[:, e, None]
+        counts = (dense > 0).sum(0)
         return out.to(x.dtype).view_as(x), gate.aux_loss(logits, top.indices), counts
