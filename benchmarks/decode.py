@@ -179,17 +179,21 @@ def main(argv=None):
                 per_round = {}
                 for side in (*sides, "hf"):
                     row[side], per_round[side] = rates(t, side, B, args.prefill_len, n)
+                    row[f"{side}_wall_s_per_round"] = {k: [round(x, 5) for x in v]
+                                                       for k, v in per_round[side]["wall"].items()}
                 hf_tokens = run_hf(ids, n)
                 row["same_tokens"] = all(fn(ids, n) == hf_tokens for fn in sides.values())
                 label = f"decode {args.model} (batch {B}, {threads} thread{'s' if threads > 1 else ''})"
                 for side in sides:
                     speedup = {what: {c: round(paired_ratio(per_round["hf"][c][what], per_round[side][c][what]), 2)
                                       for c in ("wall", "cpu")} for what in ("decode", "prefill")}
-                    row[f"{side}_decode_speedup"], row[f"{side}_prefill_speedup"] = speedup["decode"], speedup["prefill"]
+                    row[f"{side}_decode_speedup"] = speedup["decode"]
+                    row[f"{side}_prefill_speedup"] = speedup["prefill"]
                     o, h = row[side], row["hf"]
                     for clock in ("wall", "cpu"):
-                        print(f"{threads} thread(s), batch {B} [{clock:4s}] decode {side} {o[clock]['decode_tok_s']:8.1f} "
-                              f"tok/s vs HF {h[clock]['decode_tok_s']:8.1f} ({speedup['decode'][clock]}x) | prefill "
+                        print(f"{threads} thread(s), batch {B} [{clock:4s}] decode {side} "
+                              f"{o[clock]['decode_tok_s']:8.1f} tok/s vs HF {h[clock]['decode_tok_s']:8.1f} "
+                              f"({speedup['decode'][clock]}x) | prefill "
                               f"{o[clock]['prefill_tok_s']:8.1f} vs HF {h[clock]['prefill_tok_s']:8.1f} "
                               f"({speedup['prefill'][clock]}x)", flush=True)
                     rows += table_rows(label, side, o, h, speedup)

@@ -64,7 +64,7 @@ def test_decode_benchmark_rows_and_same_tokens(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     data = json.loads(out.read_text())
     assert [(r["threads"], r["batch"]) for r in data["runs"]] == [(1, 2), (2, 2)]  # one run per thread count
-    assert all(r["same_tokens"] is True for r in data["runs"])  # our generator and HF generate agree on the same weights
+    assert all(r["same_tokens"] is True for r in data["runs"])  # ours and HF generate agree on the same weights
     assert [r["unit"] for r in data["rows"]] == ["tok/s"] * 4
     assert ["1 thread)" in r["benchmark"] for r in data["rows"]] == [True, True, False, False]
     decode_row = data["rows"][0]

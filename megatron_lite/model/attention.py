@@ -54,6 +54,10 @@ class KVCache:
     whole buffer is returned, so every decode step has the same shapes and torch.compile builds one graph
     (`GPT.decode_step`); the caller's mask hides the positions not yet written. The buffers start zeroed
     because masked-out attention weights are 0 and 0 * (garbage NaN) would still be NaN.
+
+    keys_transposed: keys live in (B, n_kv_heads, head_dim, max_len) buffers (`k_t`; `k` holds the
+    (B, n_kv, max_len, head_dim) views of them), so the compiled step's query-key products run along
+    contiguous cache positions, vectorised without a horizontal sum per score.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
@@ -154,9 +158,11 @@ class Attention(nn.Module):
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row, q (B, H, 1, D), over k/v (B, H_kv, S, D) where mask (B, 1, 1, S) is True.
 
-    The query heads sharing a kv head are stacked as rows, so GQA needs no K/V copies, and the whole
-    thing is two small batched GEMMs around a masked softmax, which inductor fuses; at decode sizes this
-    beats SDPA's flash kernel, whose tiling is built for long query blocks. Returns (B, H, 1, D).
+    The query heads sharing a kv head are stacked as rows, so GQA needs no K/V copies. Both products are
+    written as broadcast multiply + sum so that inductor fuses them with the masked softmax into one loop
+    nest (with `KVCache(keys_transposed=True)` the score sum runs along contiguous positions); at decode
+    sizes that beats SDPA's flash kernel, whose tiling is built for long query blocks, and 32-odd tiny
+    batched GEMMs, whose per-matrix overhead dominates. Returns (B, H, 1, D).
     """
     B, H, _, D = q.shape
     groups = H // k.shape[1]

@@ -190,7 +190,7 @@ class GPT(nn.Module):
         input_ids, position_ids: (B, 1); allowed: (B, L) bool, False at cache positions a row must never see
         (its prompt padding); kv_cache.write_at: (1,) the position written now, positions after it are
         hidden here. Returns the (B, vocab) fp32 logits and their (B,) argmax: the greedy pick, computed
-        inside the graph because a separate argmax over the vocabulary costs more than a layer's norm.
+        inside the graph (an eager argmax over 8 x 6400 logits cost ~110 us, ~4 % of a `tiny` step).
         """
         if self.tp_size > 1:
             raise UserError("decode_step runs on one rank; load the checkpoint at tp 1 for generation")
