@@ -17,6 +17,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate, topkgating
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.model.attention import FUSED_MAX_ROWS
 from megatron_lite.model.ffn import build_ffn
 
 
@@ -102,7 +103,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor):
         """(B, T, C) -> (B, T, C), weighted aux loss (scalar), tokens routed to each expert (E,)."""
         if not self.training and self.moe.ep_size == 1:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() and x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:  # a compiled decode step
                 return self._static_forward(x)
             return self._eval_forward(x)
         y, aux, counts = self.moe(x)
@@ -127,8 +128,8 @@ class MoEFeedForward(nn.Module):
         """`_eval_forward` with shapes fixed by the input's alone, for torch.compile (`compile_decoder`): every
         expert runs on every token and the unchosen ones are weighted by exactly 0, so the graph has no
         data-dependent indexing; the sum adds the chosen experts' outputs in the same order, hence the same
-        values. Costs E/k times the expert FLOPs: meant for decode-sized inputs, where reading the weights
-        dominates."""
+        values. Costs E/k times the expert FLOPs, so it serves decode-sized inputs only, where reading the
+        weights dominates (and at batch 8 every expert is read anyway)."""
         gate = self.gate
         flat = x.reshape(-1, x.shape[-1])  # (S, C)
         logits = F.linear(flat.float(), gate.wg.weight.float())  # (S, E)
