@@ -209,6 +209,7 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
     logits = model(ids, position_ids=positions, attention_mask=attn, kv_cache=cache, logits_to_keep=1).logits[:, -1]
     pos = positions[:, -1:]
     greedy_pick = None  # the compiled step's in-graph argmax, when that is the whole sampling rule
+    graph_argmax_suffices = p.is_greedy and seen is None
     if compiled:
         allowed = torch.ones((B, cache_len), dtype=torch.bool, device=device)  # prompt padding stays hidden
         allowed[:, :P] = mask.bool()
@@ -243,7 +244,7 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
         if compiled:
             cache.write_at = torch.tensor([cache.length], device=device)
             logits, argmax = compiled(nxt[:, None], pos, allowed, cache)
-            greedy_pick = argmax if p.is_greedy and seen is None else None
+            greedy_pick = argmax if graph_argmax_suffices else None
             cache.length += 1
             continue
         if attn is not None:

@@ -50,10 +50,11 @@ class KVCache:
     Buffers are (B, n_kv_heads, max_len, head_dim); `length` is the number of positions already filled.
     The model advances `length` after every forward so all layers write at the same offset.
 
-    Static mode (`write_at` set, a (T,) index tensor): keys/values are written at those positions and the
-    whole buffer is returned, so every decode step has the same shapes and torch.compile builds one graph
-    (`GPT.decode_step`); the caller's mask hides the positions not yet written. The buffers start zeroed
-    because masked-out attention weights are 0 and 0 * (garbage NaN) would still be NaN.
+    Static mode (`write_at` set, a (T,) index tensor; needs keys_transposed): keys/values are written at
+    those positions and the whole buffer is returned, so every decode step has the same shapes and
+    torch.compile builds one graph (`GPT.decode_step`); the caller's mask hides the positions not yet
+    written. The buffers start zeroed because masked-out attention weights are 0 and 0 * (garbage NaN)
+    would still be NaN.
 
     keys_transposed: keys live in (B, n_kv_heads, head_dim, max_len) buffers (`k_t`; `k` holds the
     (B, n_kv, max_len, head_dim) views of them), so the compiled step's query-key products run along
@@ -79,13 +80,13 @@ class KVCache:
         """Write the new (B, n_kv, T, D) keys/values after the cached ones; return all keys/values so far
         (in static mode: at `write_at`, returning the whole buffer)."""
         if self.write_at is not None:
-            if self.k_t is not None:
-                self.k_t[layer].index_copy_(3, self.write_at, k.transpose(2, 3))
-                self.v[layer].index_copy_(2, self.write_at, v)
-                return self.k_t[layer].transpose(2, 3), self.v[layer]
-            self.k[layer].index_copy_(2, self.write_at, k)
+            if self.k_t is None:
+                raise ValueError("static mode (write_at) needs KVCache(keys_transposed=True)")
+            # only the transposed buffers themselves, never their `k` views, enter the compiled graph: an
+            # in-place write through a view (or aliased inputs) makes it copy the whole buffer every step
+            self.k_t[layer].index_copy_(3, self.write_at, k.transpose(2, 3))
             self.v[layer].index_copy_(2, self.write_at, v)
-            return self.k[layer], self.v[layer]
+            return self.k_t[layer].transpose(2, 3), self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
