@@ -68,11 +68,10 @@ def quiet_deepspeed():
 
 def single_process_dims():
     """torch.distributed as a world of one (what `python launch/pretrain.py` does) and its ParallelDims."""
-    from megatron_lite.parallel import ParallelDims
-    from megatron_lite.training import engine as eng
+    from megatron_lite.parallel import ParallelDims, init_distributed
 
     quiet_deepspeed()
-    eng.init_distributed()
+    init_distributed()
     return ParallelDims.from_world(torch.distributed.get_world_size()).build()
 
 
@@ -84,14 +83,15 @@ def make_batch(config, batch: int, seq: int, seed: int = 0):
 
 def ours_engine(config, dims, batch: int, ds_config: str = ZERO2, compile: bool = False, seed: int = 1234):
     """(engine, step) through the same calls launch/pretrain.py makes."""
-    from megatron_lite.training import engine as eng
+    from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config
+    from megatron_lite.training.engine import build_engine, build_model
 
-    cfg = eng.resolve_ds_config(eng.load_ds_config(ds_config), dims.dp, micro_batch_size=batch, lr=LR,
-                                weight_decay=WD, grad_clip=CLIP, train_iters=10**6)
-    model = eng.build_model(config, dims, seed)
+    cfg = resolve_ds_config(load_ds_config(ds_config), dims.dp, micro_batch_size=batch, lr=LR,
+                            weight_decay=WD, grad_clip=CLIP, train_iters=10**6)
+    model = build_model(config, dims, seed)
     if compile:
         model.compile()  # in place: state_dict names (and so checkpoints) stay those of the eager model
-    engine = eng.build_engine(model, cfg, dims)
+    engine = build_engine(model, cfg, dims)
 
     def step(x, y):
         out = engine(x, y)
@@ -103,9 +103,9 @@ def ours_engine(config, dims, batch: int, ds_config: str = ZERO2, compile: bool 
 
 def engine_zero_stage(ds_config: str, dp: int) -> int:
     """The ZeRO stage our engine actually runs `ds_config` with at this dp (it may lower it at dp=1)."""
-    from megatron_lite.training import engine as eng
+    from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config
 
-    cfg = eng.resolve_ds_config(eng.load_ds_config(ds_config), dp, micro_batch_size=1)
+    cfg = resolve_ds_config(load_ds_config(ds_config), dp, micro_batch_size=1)
     return int((cfg.get("zero_optimization") or {}).get("stage", 0))
 
 
@@ -273,11 +273,10 @@ def start_rank(preset: str, micro_batch: int, seq_length: int):
     """Start-up of one rank of a multi-process benchmark (this one's scaling test, zero_memory.py):
     torch.distributed, our engine on `preset`, this rank's own batch. -> (rank, world, config, engine, step, x, y)"""
     from megatron_lite.config import get_preset
-    from megatron_lite.parallel import ParallelDims
-    from megatron_lite.training import engine as eng
+    from megatron_lite.parallel import ParallelDims, init_distributed
 
     quiet_deepspeed()
-    rank, world = eng.init_distributed()
+    rank, world = init_distributed()
     dims = ParallelDims.from_world(world).build()
     config = get_preset(preset)
     engine, step = ours_engine(config, dims, micro_batch)
@@ -300,7 +299,7 @@ def worker_dp(a) -> None:
 def launch(args: list, world: int, env: dict, tries: int = 3) -> subprocess.CompletedProcess:
     """Run this script with `args` as 1 process or as `world` gloo ranks (torch.distributed.run, static
     rendezvous on a free port). Retried: on a shared machine another job can take the port first."""
-    from megatron_lite.training.engine import _free_port
+    from megatron_lite.parallel import free_port
 
     me = os.path.abspath(__file__)
     # This process may itself be a world of one (single_process_dims): its RANK/MASTER_PORT must not leak into
@@ -309,7 +308,7 @@ def launch(args: list, world: int, env: dict, tries: int = 3) -> subprocess.Comp
     for attempt in range(tries):
         cmd = [sys.executable, me, *args] if world == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), me, *args]
+            "--master_port", str(free_port()), me, *args]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if p.returncode == 0:
             return p

@@ -46,25 +46,25 @@ def main(argv=None) -> list:
             raise UserError(f"{flag} must be >= 1, got {v}")
     from deepspeed.utils import logger as ds_logger
 
-    from megatron_lite.checkpoint_io import load_weights_into
+    from megatron_lite.checkpoint.load import check_checkpoint_dir, load_weights_into
     from megatron_lite.config import ModelConfig
-    from megatron_lite.parallel import ParallelDims
-    from megatron_lite.training import engine as eng
+    from megatron_lite.parallel import ParallelDims, bf16_supported, init_distributed
+    from megatron_lite.training.engine import build_engine, build_model
     from megatron_lite.training.loop import TrainSettings, evaluate
 
-    tag = eng.check_checkpoint_dir(a.load)
+    tag = check_checkpoint_dir(a.load)
     config = ModelConfig.load(a.load)
     if a.seq_length > config.max_seq_len:
         raise UserError(f"--seq-length {a.seq_length} exceeds the model's max_seq_len {config.max_seq_len}")
     ds_logger.setLevel(logging.WARNING)
-    rank, world = eng.init_distributed()
+    rank, world = init_distributed()
     dims = ParallelDims.from_world(world, tp=1, ep=a.ep, num_experts=config.num_experts if config.is_moe else None).build()
     ds_config = {"train_micro_batch_size_per_gpu": a.micro_batch_size, "gradient_accumulation_steps": 1,
-                 "bf16": {"enabled": eng.bf16_supported()}, "zero_optimization": {"stage": 0},
+                 "bf16": {"enabled": bf16_supported()}, "zero_optimization": {"stage": 0},
                  "steps_per_print": 10**9}
-    model = eng.build_model(config, dims, a.seed)
+    model = build_model(config, dims, a.seed)
     load_weights_into(model, a.load)  # any tp / ep layout the checkpoint was saved with
-    engine = eng.build_engine(model, ds_config, dims, train=False)
+    engine = build_engine(model, ds_config, dims, train=False)
 
     if a.sft:
         from megatron_lite.data.sft_dataset import build_sft_datasets as build

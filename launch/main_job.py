@@ -138,7 +138,7 @@ class Pipeline:
 
     def score_arithmetic(self) -> dict:
         """Exact match of greedy answers to held-out single-turn arithmetic questions."""
-        from megatron_lite.checkpoint_io import load_model
+        from megatron_lite.inference.loading import load_model
         from megatron_lite.inference.chat import chat
 
         t = time.perf_counter()

@@ -1,6 +1,4 @@
-"""DeepSpeed, imported through here so that every entry point runs it with the same process-wide settings.
-
-    from megatron_lite.ds_runtime import deepspeed
+"""DeepSpeed's process-wide settings, applied by one explicit call at distributed start-up.
 
 On the CPU accelerator DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op
 (`deepspeed_shm_comm`) the first time it starts. Nothing here uses it: it only serves
@@ -13,18 +11,19 @@ MEGATRON_LITE_DS_SHM_COMM=1 to get DeepSpeed's default back.
 import importlib
 import os
 
-import deepspeed
-
-# by sys.modules name: `import deepspeed.comm.torch as m` would give torch itself, which deepspeed.comm
-# re-exports under that attribute name
-_ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-
-__all__ = ["deepspeed"]
-
 
 def _no_shm_comm_op():
     return None  # TorchBackend then keeps its plain torch.distributed all-reduce
 
 
-if os.environ.get("MEGATRON_LITE_DS_SHM_COMM") != "1" and hasattr(_ds_torch_comm, "build_shm_op"):
-    _ds_torch_comm.build_shm_op = _no_shm_comm_op
+def skip_shm_comm_build() -> None:
+    """Make DeepSpeed's comm backend skip its shm all-reduce op (see the module docstring). Call it before
+    DeepSpeed builds that backend (`deepspeed.init_distributed` or `deepspeed.initialize`); calling it again
+    is harmless. `parallel.init_distributed` does it for every entry point."""
+    if os.environ.get("MEGATRON_LITE_DS_SHM_COMM") == "1":
+        return
+    # by sys.modules name: `import deepspeed.comm.torch as m` would give torch itself, which deepspeed.comm
+    # re-exports under that attribute name
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = _no_shm_comm_op

@@ -1,4 +1,7 @@
-"""Parallel dimensions (tensor, expert, data) and the process groups that implement them.
+"""Distributed start-up, and the parallel dimensions (tensor, expert, data) with their process groups.
+
+`init_distributed` starts torch.distributed once per process (through DeepSpeed, so its comm backend exists
+too).
 
 `ParallelDims` is built once per run and handed to whatever needs a group — the model factory gets
 `dims.tp_group`, `deepspeed.initialize` gets `dims.mpu`. Nothing here is a module-level global: a layer
@@ -16,11 +19,53 @@ our dp groups, which is what the test in tests/test_tensor_parallel.py checks.
 """
 from __future__ import annotations
 
+import os
+import socket
 from typing import List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 from megatron_lite.errors import UserError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a master port or a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Tuple[int, int]:
+    """Start torch.distributed (NCCL on GPUs, gloo on CPU) and return (rank, world size).
+
+    Under `deepspeed`/torchrun the launcher's env vars are used; a plain `python launch/...` run becomes a
+    world of one on a free port (DeepSpeed would otherwise take the fixed port 29500, which collides with
+    any other run on the machine).
+    """
+    import deepspeed
+
+    from megatron_lite.ds_runtime import skip_shm_comm_build
+
+    skip_shm_comm_build()  # before DeepSpeed builds its comm backend (here, or in deepspeed.initialize)
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # N CPU ranks on one host share its cores; oversubscribing them costs far more than it gains.
+        local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or
+                    os.environ.get("WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def group_ranks(world_size: int, tp: int) -> Tuple[List[List[int]], List[List[int]]]:
@@ -109,18 +154,6 @@ class ParallelDims:
     @property
     def dp_group(self):
         return self._dp_group if self.dp > 1 else None
-
-    @property
-    def tp_size(self) -> int:
-        return self.tp
-
-    @property
-    def dp_size(self) -> int:
-        return self.dp
-
-    @property
-    def ep_size(self) -> int:
-        return self.ep
 
     def __repr__(self):
         return (f"ParallelDims(tp={self.tp}, ep={self.ep}, dp={self.dp}; rank {self.rank}: "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.checkpoint_io import save_checkpoint_folder
+from megatron_lite.checkpoint.save import save_checkpoint_folder
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.gpt import GPT
 

@@ -5,7 +5,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from inference_utils import make_checkpoint
-from megatron_lite.checkpoint_io import load_model
+from megatron_lite.inference.loading import load_model
 from megatron_lite.inference.chat import chat
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_lite", "app", "chat_app.py")

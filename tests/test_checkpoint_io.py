@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from inference_utils import make_checkpoint, tiny_config, tiny_model
-from megatron_lite.checkpoint_io import load_full_state_dict, load_model
+from megatron_lite.checkpoint.load import load_full_state_dict
 from megatron_lite.errors import UserError
 from megatron_lite.inference.generate import use_cpu_decode_layout
+from megatron_lite.inference.loading import load_model
 from megatron_lite.tensor_parallel.reshard import shard_state_dict, tp_shard_specs
 
 
@@ -60,10 +61,12 @@ def test_bad_folders_give_user_errors(tmp_path):
 
 DS_LOAD = r'''
 import os, sys, torch
-from megatron_lite.ds_runtime import deepspeed
+import deepspeed
+from megatron_lite.ds_runtime import skip_shm_comm_build
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.gpt import GPT
-from megatron_lite.checkpoint_io import load_full_state_dict
+from megatron_lite.checkpoint.load import load_full_state_dict
+skip_shm_comm_build()
 path = sys.argv[1]
 torch.manual_seed(123)
 model = GPT(ModelConfig.load(path))

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from inference_utils import make_checkpoint, make_tokenizer
-from megatron_lite.checkpoint_io import load_full_state_dict, load_model
+from megatron_lite.checkpoint.load import load_full_state_dict
+from megatron_lite.inference.loading import load_model
 from megatron_lite.errors import UserError
 from megatron_lite.inference.generate import generate
 

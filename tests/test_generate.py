@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from inference_utils import make_checkpoint, make_tokenizer, tiny_config, tiny_model
-from megatron_lite.checkpoint_io import load_model
+from megatron_lite.inference.loading import load_model
 from megatron_lite.inference.chat import build_prompt, chat, stream_chat
 from megatron_lite.inference.generate import SamplingParams, compile_decoder, generate, process_logits, stream
 

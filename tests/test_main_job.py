@@ -37,7 +37,7 @@ def test_main_job_end_to_end_at_toy_size(tmp_path, variant):
     # The exported folder is what stock transformers loads, with the SFT checkpoint's exact function.
     from transformers import AutoModelForCausalLM
 
-    from megatron_lite.checkpoint_io import load_model
+    from megatron_lite.inference.loading import load_model
     hf = AutoModelForCausalLM.from_pretrained(str(work / "hf")).eval()
     ours, _ = load_model(work / "ckpt_sft")
     ids = torch.randint(3, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))

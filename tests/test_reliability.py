@@ -447,7 +447,7 @@ def test_load_and_pretrained_errors(data, small_ckpt, tok300, tmp_path):
 def test_convert_unsupported_shape_is_one_line_error(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from inference_utils import make_tokenizer, tiny_config, tiny_model
-    from megatron_lite.checkpoint_io import save_checkpoint_folder
+    from megatron_lite.checkpoint.save import save_checkpoint_folder
 
     cfg = tiny_config(ffn_type="mlp")
     save_checkpoint_folder(tmp_path / "mlp", cfg, tiny_model(cfg).state_dict(), make_tokenizer())
@@ -469,7 +469,7 @@ class _Evil:
 
 
 def test_malicious_pickles_are_refused_everywhere(data, small_ckpt, tmp_path):
-    from megatron_lite.checkpoint_io import load_model
+    from megatron_lite.inference.loading import load_model
     from megatron_lite.errors import UserError
 
     marker = tmp_path / "PWNED"
@@ -582,7 +582,7 @@ def test_server_soak_mixed_requests(tmp_path):
     from launch_utils import free_port
     sys.path.insert(0, str(REPO / "tests"))
     from inference_utils import make_tokenizer, tiny_config, tiny_model
-    from megatron_lite.checkpoint_io import save_checkpoint_folder
+    from megatron_lite.checkpoint.save import save_checkpoint_folder
 
     cfg = tiny_config()
     save_checkpoint_folder(tmp_path / "ckpt", cfg, tiny_model(cfg).state_dict(), make_tokenizer())

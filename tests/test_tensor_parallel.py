@@ -54,14 +54,14 @@ def parallel_dims_groups(dims):
     r = dist.get_rank()
     mpu = dims.mpu
     one = ParallelDims.from_world(TP, tp=1).build()  # same world, tp=1: everyone is data parallel
-    got_tp = [dims.tp_size, dims.tp_rank, dims.dp_size, dims.dp_rank, dims.dp_group is None,
+    got_tp = [dims.tp, dims.tp_rank, dims.dp, dims.dp_rank, dims.dp_group is None,
               dist.get_world_size(dims.tp_group)]
     got_mpu = [mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank(),
                mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank(),
                mpu.get_tensor_model_parallel_src_rank(), mpu.get_data_parallel_world_size(),
                mpu.get_data_parallel_rank(), mpu.get_data_parallel_group_ranks(),
                dist.get_world_size(mpu.get_data_parallel_group())]
-    got_one = [one.tp_group is None, one.tp_size, one.dp_size, one.dp_rank,
+    got_one = [one.tp_group is None, one.tp, one.dp, one.dp_rank,
                dist.get_world_size(one.dp_group), one.mpu.get_model_parallel_world_size(),
                # DeepSpeed all-reduces over the model-parallel group unguarded: it must be a real group
                dist.get_world_size(one.mpu.get_model_parallel_group())]
@@ -323,9 +323,11 @@ def deepspeed_zero2_accepts_mpu(dims):
     # (counted once): the global grad norm then equals the full model's.
     import logging
 
+    import deepspeed
     from deepspeed.utils import logger
 
-    from megatron_lite.ds_runtime import deepspeed
+    from megatron_lite.ds_runtime import skip_shm_comm_build
+    skip_shm_comm_build()  # before deepspeed.initialize builds DeepSpeed's comm backend
     logger.setLevel(logging.WARNING)
     g = dims.tp_group
     torch.manual_seed(0)
@@ -420,7 +422,7 @@ def test_parallel_dims_validation():
 
 def test_parallel_dims_single_process():
     d = ParallelDims.from_world(1).build()
-    assert (d.tp_group, d.dp_group, d.tp_size, d.dp_size, d.tp_rank, d.dp_rank) == (None, None, 1, 1, 0, 0)
+    assert (d.tp_group, d.dp_group, d.tp, d.dp, d.tp_rank, d.dp_rank) == (None, None, 1, 1, 0, 0)
     assert d.mpu.get_model_parallel_world_size() == 1 and d.mpu.get_data_parallel_rank() == 0
     with pytest.raises(UserError, match="not initialised"):
         ParallelDims.from_world(2, tp=2).build()

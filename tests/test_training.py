@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lite.checkpoint.load import check_checkpoint_dir
+from megatron_lite.checkpoint.save import save_training_checkpoint
 from megatron_lite.config import ModelConfig, get_preset, pad_vocab_size
 from megatron_lite.errors import UserError
-from megatron_lite.training import engine as eng
+from megatron_lite.parallel import bf16_supported
+from megatron_lite.training.ds_config import load_ds_config, lr_settings, resolve_ds_config
+from megatron_lite.training.engine import param_groups
 from megatron_lite.training.schedule import lr_at
 
 import launch_utils
@@ -77,22 +81,22 @@ def test_schedule_warmup_then_cosine_to_floor():
 
 
 def test_ds_config_flags_override_json_and_batch_checks():
-    base = eng.load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
-    cfg = eng.resolve_ds_config(base, dp=2, micro_batch_size=3, global_batch_size=24, lr=5e-4, min_lr=5e-5,
-                                warmup_iters=7, train_iters=100)
+    base = load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
+    cfg = resolve_ds_config(base, dp=2, micro_batch_size=3, global_batch_size=24, lr=5e-4, min_lr=5e-5,
+                            warmup_iters=7, train_iters=100)
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (3, 4, 24)
     assert cfg["optimizer"]["params"]["lr"] == 5e-4
-    assert eng.lr_settings(cfg) == dict(max_lr=5e-4, min_lr=pytest.approx(5e-5), warmup_iters=7, decay_iters=100)
-    assert cfg["bf16"]["enabled"] is eng.bf16_supported()  # "auto" resolved: False on CPU
+    assert lr_settings(cfg) == dict(max_lr=5e-4, min_lr=pytest.approx(5e-5), warmup_iters=7, decay_iters=100)
+    assert cfg["bf16"]["enabled"] is bf16_supported()  # "auto" resolved: False on CPU
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["contiguous_gradients"]
     # One data-parallel rank: nothing to partition, so ZeRO's copies are skipped (stage 0, same math).
-    assert eng.resolve_ds_config(base, dp=1)["zero_optimization"] == {"stage": 0}
+    assert resolve_ds_config(base, dp=1)["zero_optimization"] == {"stage": 0}
     with pytest.raises(UserError, match="not divisible"):
-        eng.resolve_ds_config(base, dp=2, micro_batch_size=4, global_batch_size=12)
+        resolve_ds_config(base, dp=2, micro_batch_size=4, global_batch_size=12)
     with pytest.raises(UserError, match="inconsistent"):
-        eng.resolve_ds_config({**base, "train_batch_size": 7, "gradient_accumulation_steps": 1}, dp=1)
+        resolve_ds_config({**base, "train_batch_size": 7, "gradient_accumulation_steps": 1}, dp=1)
     with pytest.raises(UserError, match="!="):
-        eng.resolve_ds_config(base, dp=1, micro_batch_size=2, grad_accum=2, global_batch_size=8)
+        resolve_ds_config(base, dp=1, micro_batch_size=2, grad_accum=2, global_batch_size=8)
 
 
 def test_param_groups_no_decay_on_norms_biases_embeddings():
@@ -101,7 +105,7 @@ def test_param_groups_no_decay_on_norms_biases_embeddings():
     cfg = get_preset("tiny", num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
                      vocab_size=128, ffn_type="mlp")  # mlp FFN has biases
     model = GPT(cfg)
-    groups = {g["name"]: g for g in eng.param_groups(model, 0.1)}
+    groups = {g["name"]: g for g in param_groups(model, 0.1)}
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
     decay = {names[id(p)] for p in groups["decay"]["params"]}
@@ -128,14 +132,14 @@ def test_latest_never_names_a_partial_checkpoint(tmp_path):
             torch.save({"module": {"w": torch.full((2,), float(client_state["it"]))}}, d / "mp_rank_00_model_states.pt")
 
     e = Engine()
-    assert eng.save_checkpoint(e, str(tmp_path), 10, {"it": 10}) == "global_step10"
+    assert save_training_checkpoint(e, str(tmp_path), 10, {"it": 10}) == "global_step10"
     e.fail = True
     with pytest.raises(KeyboardInterrupt):
-        eng.save_checkpoint(e, str(tmp_path), 20, {"it": 20})
+        save_training_checkpoint(e, str(tmp_path), 20, {"it": 20})
     assert (tmp_path / "latest").read_text() == "global_step10" and not (tmp_path / "global_step20").exists()
-    assert eng.check_checkpoint_dir(str(tmp_path)) == "global_step10"
+    assert check_checkpoint_dir(str(tmp_path)) == "global_step10"
     e.fail = False
-    eng.save_checkpoint(e, str(tmp_path), 20, {"it": 20})
+    save_training_checkpoint(e, str(tmp_path), 20, {"it": 20})
     assert (tmp_path / "latest").read_text() == "global_step20"
     saved = torch.load(tmp_path / "global_step20" / "mp_rank_00_model_states.pt")
     assert saved["module"]["w"].tolist() == [20.0, 20.0]
@@ -218,7 +222,7 @@ def test_compile_flag_trains_the_same_model(dense2, data, tmp_path):
     a, b = losses(dense2), losses(compiled)
     assert sorted(b) == [1, 2, 3]
     assert max(abs(a[s] - b[s]) for s in b) < 1e-4, [(s, a[s], b[s]) for s in b]
-    from megatron_lite.checkpoint_io import load_full_state_dict
+    from megatron_lite.checkpoint.load import load_full_state_dict
 
     _, sd = load_full_state_dict(compiled)
     _, ref = load_full_state_dict(dense2, "global_step10")

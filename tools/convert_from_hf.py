@@ -28,13 +28,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error("convert_from_hf"):
-        from megatron_lite.checkpoint_io import build_model, load_tokenizer_for, save_checkpoint_folder
+        from megatron_lite.checkpoint.load import model_from_state_dict
+        from megatron_lite.checkpoint.save import save_checkpoint_folder
+        from megatron_lite.inference.loading import load_tokenizer_for
         from megatron_lite.convert.hf import load_hf_folder
 
         if not os.path.isfile(os.path.join(args.hf, "config.json")):
             raise UserError(f"{args.hf} has no config.json: not an HF model folder")
         config, sd = load_hf_folder(args.hf)
-        build_model(config, sd)  # refuses a state dict that does not fit the config before anything is written
+        model_from_state_dict(config, sd)  # refuses a state dict that does not fit the config before anything is written
         tokenizer = load_tokenizer_for(args.hf)
         if tokenizer is None:
             print(f"convert_from_hf: warning: no tokenizer in {args.hf}; checkpoint has no tokenizer/",

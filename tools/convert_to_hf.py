@@ -30,7 +30,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error("convert_to_hf"):
-        from megatron_lite.checkpoint_io import load_full_state_dict, load_tokenizer_for, parse_dtype
+        from megatron_lite.checkpoint.load import load_full_state_dict
+        from megatron_lite.inference.loading import load_tokenizer_for, parse_dtype
         from megatron_lite.convert.hf import check_exportable, save_hf_folder
 
         config, sd = load_full_state_dict(args.load, args.tag)

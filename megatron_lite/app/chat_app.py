@@ -37,7 +37,7 @@ def parse_args(argv):
 def get_model(path: str, tag: str | None, device: str, dtype: str):
     import contextlib
 
-    from megatron_lite.checkpoint_io import load_model
+    from megatron_lite.inference.loading import load_model
     with contextlib.redirect_stdout(sys.stderr):
         return load_model(path, device, dtype, tag=tag)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite.checkpoint.layout import EXPERT_KEY, expert_key
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
@@ -35,7 +36,6 @@ _LAYER_RENAMES = [  # (our suffix, HF suffix) inside layers.N.
     ("mlp.moe.deepspeed_moe.gate.wg.weight", "block_sparse_moe.gate.weight"),
 ]
 _EXPERT_RENAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-_OUR_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)\.weight$")
 _HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 _NOISE = re.compile(r"^layers\.\d+\.mlp\.moe\.deepspeed_moe\.gate\.w_noise\.weight$")
 
@@ -119,9 +119,8 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
         names.update({f"layers.{i}.{o}": f"model.layers.{i}.{h}" for o, h in _LAYER_RENAMES})
     out = {}
     for k, v in sd.items():
-        if m := _OUR_EXPERT.match(k):
-            layer, e, w = m.groups()
-            out[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_EXPERT_RENAMES[w]}.weight"] = v
+        if (m := EXPERT_KEY.match(k)) and (hf_w := _EXPERT_RENAMES.get(m["param"].removesuffix(".weight"))):
+            out[f"model.layers.{m['layer']}.block_sparse_moe.experts.{m['expert']}.{hf_w}.weight"] = v
         elif k in names:
             out[names[k]] = v
         elif not _NOISE.match(k):  # everything but the training-only router noise must land somewhere
@@ -141,7 +140,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
                 sd[k] = v
         elif m := _HF_EXPERT.match(k):
             layer, e, w = m.groups()
-            sd[f"layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{e}.{inv_expert[w]}.weight"] = v
+            sd[expert_key(layer, e, f"{inv_expert[w]}.weight")] = v
         elif m := re.match(r"^model\.layers\.(\d+)\.(.+)$", k):
             ours = back.get("model.layers.{i}." + m.group(2))
             if ours is None:

@@ -29,7 +29,7 @@ def add_model_args(ap: argparse.ArgumentParser):
 
 def load_for_inference(args):
     """(model, tokenizer) from the --load/--tag/--device/--dtype/--compile flags of add_model_args."""
-    from megatron_lite.checkpoint_io import load_model
+    from megatron_lite.inference.loading import load_model
     from megatron_lite.inference.generate import compile_decoder
 
     model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron_lite.ds_runtime import deepspeed  # noqa: F401  (first: DeepSpeed's process-wide settings)
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate, topkgating
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_lite.checkpoint.save import save_training_checkpoint
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
-from megatron_lite.training import engine as eng
+from megatron_lite.training.engine import nonfinite_guard
+from megatron_lite.training.rng import rng_state, seed_step
 
 
 @dataclass
@@ -165,20 +167,22 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
     last = {}
     t_log = time.perf_counter()
     t_start, iters_timed = t_log, 0
-    guard = getattr(engine, "nonfinite_guard", None)
+    guard = nonfinite_guard(engine)
     nan_at = _inject_nan_steps()
     bad_streak = 0
 
     def save(iteration: int):
-        state = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": eng.rng_state(),
+        state = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": rng_state(),
                  "model_config": config.to_dict(), "global_batch_size": s.global_batch, "seed": s.seed,
                  "skipped_steps": skipped_steps, **(client_extra or {})}
-        tag = eng.save_checkpoint(engine, s.save_dir, iteration, state)
+        hold = os.environ.get("MEGATRON_LITE_TEST_SLOW_SAVE", "")  # test-only "STEP:SECONDS": pause before the commit
+        tag = save_training_checkpoint(engine, s.save_dir, iteration, state, before_commit=(
+            lambda _: time.sleep(float(hold.split(":")[1]))) if hold.startswith(f"{iteration}:") else None)
         monitor.print(f"saved checkpoint {s.save_dir}/{tag}")
 
     it = start_iter
     while it < s.train_iters:
-        eng.seed_step(s.seed, s.dp_rank, it)
+        seed_step(s.seed, s.dp_rank, it)
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances inside step())
         ds_skipped_before = engine.skipped_steps
         if guard is not None:

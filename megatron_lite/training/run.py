@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint_io import load_weights_into
+from megatron_lite.checkpoint.load import load_weights_into
 from megatron_lite.config import PRESETS, ModelConfig, get_preset, pad_vocab_size
 from megatron_lite.errors import UserError
 
@@ -151,18 +151,23 @@ def model_config(a, tokenizer) -> ModelConfig:
 
 def main(kind: str, argv=None) -> dict:
     """kind: 'pretrain' or 'sft'. Returns the last logged metrics (rank 0) for tests and scripts."""
+    from megatron_lite.checkpoint.load import (check_checkpoint_dir, check_resumable, check_same_model,
+                                               load_training_checkpoint)
+    from megatron_lite.checkpoint.save import write_run_files
     from megatron_lite.data.tokenizer import load_tokenizer
-    from megatron_lite.parallel import ParallelDims
-    from megatron_lite.training import engine as eng
+    from megatron_lite.parallel import ParallelDims, init_distributed
+    from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
+    from megatron_lite.training.engine import build_engine, build_model
     from megatron_lite.training.loop import StopRequest, TrainSettings, train
     from megatron_lite.training.monitor import Monitor
+    from megatron_lite.training.rng import set_rng_state
 
     a = build_parser(kind).parse_args(argv)
     _check_args(a)
     # Everything a user can get wrong is checked before DeepSpeed is imported and ranks start talking.
-    raw_ds_config = eng.load_ds_config(a.deepspeed)
+    raw_ds_config = load_ds_config(a.deepspeed)
     if kind == "sft":
-        eng.check_checkpoint_dir(a.pretrained)
+        check_checkpoint_dir(a.pretrained)
         config = ModelConfig.load(a.pretrained)
         tok_dir = a.tokenizer or os.path.join(a.pretrained, "tokenizer")
         tokenizer = load_tokenizer(tok_dir)
@@ -188,17 +193,17 @@ def main(kind: str, argv=None) -> dict:
     if a.seq_length > config.max_seq_len:
         raise UserError(f"--seq-length {a.seq_length} exceeds the model's max_seq_len {config.max_seq_len}")
     if a.load:
-        eng.check_checkpoint_dir(a.load)
-        eng.check_same_model(a.load, config)
+        check_checkpoint_dir(a.load)
+        check_same_model(a.load, config)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     dims = ParallelDims.from_world(world, tp=a.tp, ep=a.ep, num_experts=num_experts)
-    ds_config = eng.resolve_ds_config(
+    ds_config = resolve_ds_config(
         raw_ds_config, dims.dp, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters)
     if a.load:
-        eng.check_resumable(a.load, dims.dp, dims.tp, (ds_config.get("zero_optimization") or {}).get("stage", 0))
+        check_resumable(a.load, dims.dp, dims.tp, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     s = TrainSettings(train_iters=a.train_iters, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       grad_accum=ds_config["gradient_accumulation_steps"], dp_size=dims.dp, dp_rank=dims.dp_rank,
                       seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
@@ -211,7 +216,7 @@ def main(kind: str, argv=None) -> dict:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines cost time and bury ours
-    rank, world = eng.init_distributed()
+    rank, world = init_distributed()
     is_rank0 = rank == 0
     dims.build()
     s.dp_rank, s.peak_flops = dims.dp_rank, _peak_flops(a)
@@ -232,21 +237,21 @@ def main(kind: str, argv=None) -> dict:
     if train_ds is None:
         raise UserError(f"--data-path {' '.join(a.data_path)} with --split {a.split} leaves no training data")
 
-    model = eng.build_model(config, dims, a.seed)
+    model = build_model(config, dims, a.seed)
     if kind == "sft" and not a.load:
         # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
         # any tp / ep layout (or converted from HF) and keeps this rank's shard and experts.
         load_weights_into(model, a.pretrained)
     if a.compile:
         model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
-    engine = eng.build_engine(model, ds_config, dims)
+    engine = build_engine(model, ds_config, dims)
 
     start_iter, consumed, skipped = 0, 0, 0
     if a.load:
-        client = eng.load_checkpoint(engine, a.load, config)
+        client = load_training_checkpoint(engine, a.load, config)
         start_iter, consumed = int(client["iteration"]), int(client["consumed_samples"])
         skipped = int(client.get("skipped_steps", 0))
-        eng.set_rng_state(client["rng"])
+        set_rng_state(client["rng"])
         if is_rank0:
             print(f"resumed from {a.load} at step {start_iter} ({consumed} samples consumed)")
     elif kind == "sft":
@@ -255,10 +260,10 @@ def main(kind: str, argv=None) -> dict:
 
     run_args = {k: v for k, v in vars(a).items() if k != "local_rank"}
     if a.save:
-        eng.write_run_files(a.save, config, tok_dir, ds_config, {"kind": kind, **run_args})
+        write_run_files(a.save, config, tok_dir, ds_config, {"kind": kind, **run_args})
     run_config = {"kind": kind, "model": config.to_dict(), "parallel": {"tp": dims.tp, "ep": dims.ep, "dp": dims.dp,
                   "world": world}, "ds_config": ds_config, "args": run_args}
-    wandb_cfg = eng.wandb_settings(ds_config)
+    wandb_cfg = wandb_settings(ds_config)
     monitor = Monitor(is_rank0, os.path.join(a.save, "metrics.jsonl") if a.save else None, a.train_iters, start_iter,
                       wandb_project=a.wandb_project or wandb_cfg.get("project"), wandb_dir=a.save,
                       run_config=run_config, wandb_name=a.wandb_name)

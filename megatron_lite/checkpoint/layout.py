@@ -1,0 +1,178 @@
+"""The checkpoint folder contract: what training writes and every reader (eval, generate, convert) relies on.
+
+    CKPT/latest                      tag of the newest *complete* checkpoint (written last, atomically)
+    CKPT/<tag>/                      DeepSpeed 0.19 `save_checkpoint` layout; training tags are global_stepN
+        mp_rank_{tp:02d}_model_states.pt
+            {"module": state dict without the MoE experts, ...engine bookkeeping, training's client state}
+        layer_{L}_expert_{E}_mp_rank_{tp:02d}_model_states.pt    (MoE) one file per global expert E of layer L
+            {"layers.<L>.mlp.moe.deepspeed_moe.experts.deepspeed_experts.<E>.<w>.weight": tensor}
+            L counts MoE layers (= decoder layer here), E is the *global* expert id, so the files look the
+            same whatever the expert-parallel size of the run that wrote them.
+        zero_pp_rank_{R}_mp_rank_{tp:02d}_optim_states.pt        ZeRO optimizer shard of data-parallel rank R
+        expp_rank_{R}_mp_rank_{tp:02d}_optim_states.pt           (MoE) expert optimizer states
+    CKPT/model_config.json           ModelConfig (vocab_size padded from the tokenizer)
+    CKPT/tokenizer/                  HF fast tokenizer with the ChatML chat template, so CKPT alone is enough
+                                     to generate or convert
+    CKPT/ds_config.json, args.json   effective DeepSpeed config and command-line arguments (training runs)
+    CKPT/metrics.jsonl               one JSON line per logged step (appended across resumes)
+
+With tp > 1 there is one mp_rank file (and one set of expert files) per tensor-parallel rank; readers gather
+them with the specs of `megatron_lite.tensor_parallel.reshard`.
+
+A checkpoint is first written under the tag `tmp-<tag>` and renamed to `<tag>` once every file is on disk;
+only then is `latest` replaced, so `latest` never names a partial checkpoint.
+
+Loading safety: pickles may only rebuild tensors, containers, plain numpy data and DeepSpeed's own classes
+(one policy, `_allowed_global`): `load_weights_only` reads our files with it, `check_pickle_globals`
+vets a folder before DeepSpeed unpickles it without restrictions.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from megatron_lite.errors import UserError
+
+LATEST = "latest"
+TMP_PREFIX = "tmp-"
+MODEL_STATES_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+EXPERT_STATES_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+ZERO_SHARD_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+# A DeepSpeed-MoE expert weight in a full state dict: decoder layer, global (or local) expert id, parameter.
+EXPERT_KEY = re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\."
+                        r"(?P<expert>\d+)\.(?P<param>.+)$")
+
+
+def step_tag(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def model_states_file(tp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def expert_states_file(layer: int, expert: int, tp_rank: int = 0) -> str:
+    return f"layer_{layer}_expert_{expert}_mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def expert_key(layer, expert, param: str) -> str:
+    return f"layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{expert}.{param}"
+
+
+def latest_tag(root: Path) -> str | None:
+    """The tag `root/latest` names; None when there is none (no save finished, or not a checkpoint)."""
+    latest = Path(root) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+
+# Plain numpy arrays and scalars (e.g. RNG states older checkpoints kept in their client state) rebuild
+# from a dtype and raw bytes and run no code.
+_NUMPY_DATA_GLOBALS = re.compile(r"^numpy(\._core|\.core)\.multiarray\.(_reconstruct|scalar)$|^numpy\.(ndarray|dtype)$"
+                                 r"|^numpy\.dtypes\.\w+DType$")
+
+
+def _allowed_global(name: str):
+    """The object a checkpoint pickle may rebuild under `name` beyond torch's weights-only defaults, or None.
+
+    Plain numpy data (see above), and classes defined in DeepSpeed: its optimizer states pickle a few
+    (LossScaler, ZeroStageEnum, fragment_address, ...; which ones depends on precision and ZeRO stage). A
+    function (os.system, builtins.exec, or any deepspeed function) is never allowed."""
+    if not (_NUMPY_DATA_GLOBALS.match(name) or name.startswith("deepspeed.")):
+        return None
+    module, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+    if name.startswith("deepspeed.") and not (isinstance(obj, type) and obj.__module__.startswith("deepspeed.")):
+        return None
+    return obj
+
+
+def _numpy_dtype_classes() -> list:
+    import numpy as np
+    return [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+
+
+def load_weights_only(path: Path):
+    """torch.load(weights_only=True) of one checkpoint file, on the CPU, with the globals `_allowed_global`
+    admits; no pickle code ever runs. A corrupt file or a refused global is a one-line UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated file, or globals beyond the weights-only defaults
+        error = e
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        names = None
+    allowed = [_allowed_global(n) for n in names or ()]
+    if names and all(obj is not None for obj in allowed):
+        safe = list(zip(allowed, names))
+        if any(_NUMPY_DATA_GLOBALS.match(n) for n in names):
+            safe += _numpy_dtype_classes()  # a rebuilt numpy.dtype is an instance of one of these classes
+        try:
+            with torch.serialization.safe_globals(safe):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            error = e
+    what = f"it needs unsafe globals {names}" if names else str(error).splitlines()[0]
+    raise UserError(f"cannot read {path} with weights_only=True: {what}") from None
+
+
+def check_pickle_globals(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose pickles name anything `_allowed_global` does not admit.
+
+    DeepSpeed's `load_checkpoint` unpickles with weights_only=False (its optimizer states hold DeepSpeed
+    classes), and unpickling can run any code a file names (`os.system` in a `__reduce__`). This scan reads
+    only each file's pickle opcodes, never executes them, so a tampered checkpoint is refused before
+    DeepSpeed touches it.
+    """
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for f in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            unsafe = {g for g in get_unsafe_globals_in_checkpoint(f) if _allowed_global(g) is None}
+        except Exception as e:  # not a torch zip archive (truncated, or a raw pickle)
+            raise UserError(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                            f"the checkpoint is corrupt, resume from an earlier one") from None
+        if unsafe:
+            raise UserError(f"{f} references {', '.join(sorted(unsafe))}, which loading would execute; refusing "
+                            f"it (only load checkpoints written by megatron_lite/DeepSpeed)")
+
+
+# ---------------------------------------------------------------------------------------------- durable writes
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a reader sees the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path` and the folders (the page cache survives SIGKILL, not a power cut)."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))

@@ -1,0 +1,181 @@
+"""Read checkpoint folders (layout.py): full state dicts for inference and export, weights into a model of
+any tp / ep, the checks training runs before `--load`, and the exact resume of a DeepSpeed engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_lite.checkpoint.layout import (EXPERT_KEY, EXPERT_STATES_FILE, MODEL_STATES_FILE, ZERO_SHARD_FILE,
+                                             check_pickle_globals, expert_key, latest_tag, load_weights_only,
+                                             model_states_file)
+from megatron_lite.config import ModelConfig
+from megatron_lite.errors import UserError
+
+
+# ---------------------------------------------------------------------------------------------- full state dicts
+
+def _resolve_tag_dir(ckpt_dir: Path, tag: str | None) -> tuple[Path, Path]:
+    """(folder holding model_config.json, folder holding the mp_rank files)."""
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint folder {ckpt_dir} does not exist")
+    # A tag folder itself (CKPT/global_step30) is accepted too; its config sits one level up.
+    if tag is None and any(MODEL_STATES_FILE.match(p.name) for p in ckpt_dir.iterdir()):
+        return ckpt_dir.parent, ckpt_dir
+    if tag is None:
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
+            raise UserError(f"{ckpt_dir} has no 'latest' file and no mp_rank_00_model_states.pt: "
+                            "is this a megatron_lite checkpoint folder? (use --tag to pick one)")
+    tag_dir = ckpt_dir / tag
+    if not tag_dir.is_dir():
+        raise UserError(f"checkpoint tag {tag!r} not found in {ckpt_dir}")
+    return ckpt_dir, tag_dir
+
+
+def _read_rank(tag_dir: Path, tp_rank: int, expert_files: dict) -> dict[str, torch.Tensor]:
+    states = load_weights_only(tag_dir / model_states_file(tp_rank))
+    if not isinstance(states, dict) or "module" not in states:
+        raise UserError(f"{tag_dir}/{model_states_file(tp_rank)} has no 'module' state dict")
+    sd = dict(states["module"])
+    for (_layer, _expert), path in sorted(expert_files.get(tp_rank, {}).items()):
+        sd.update(load_weights_only(path))  # keys already carry global expert ids
+    return sd
+
+
+def load_full_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our checkpoint folder -> (config, full single-device state dict of `GPT(config)` with ep = tp = 1)."""
+    root, tag_dir = _resolve_tag_dir(Path(ckpt_dir), tag)
+    config = ModelConfig.load(root)
+    ranks = sorted(int(m.group(1)) for p in tag_dir.iterdir() if (m := MODEL_STATES_FILE.match(p.name)))
+    if not ranks or ranks != list(range(len(ranks))):
+        raise UserError(f"{tag_dir} has model-state files for tp ranks {ranks}, expected 0..tp-1")
+    expert_files: dict[int, dict] = {}
+    for p in tag_dir.iterdir():
+        if m := EXPERT_STATES_FILE.match(p.name):
+            expert_files.setdefault(int(m.group(3)), {})[(int(m.group(1)), int(m.group(2)))] = p
+    if config.is_moe:
+        want = config.num_layers * config.num_experts
+        got = len(expert_files.get(0, {}))
+        if got != want:
+            raise UserError(f"{tag_dir} holds {got} expert files for tp rank 0, expected "
+                            f"{config.num_layers} layers x {config.num_experts} experts = {want}")
+    shards = [_read_rank(tag_dir, r, expert_files) for r in ranks]
+    if len(shards) == 1:
+        return config, shards[0]
+    return config, _gather_tp(config, shards, tag_dir)
+
+
+def _gather_tp(config: ModelConfig, shards: list[dict], tag_dir: Path) -> dict[str, torch.Tensor]:
+    from megatron_lite.model.gpt import GPT
+    from megatron_lite.tensor_parallel.reshard import gather_state_dicts, tp_shard_specs
+
+    specs = tp_shard_specs(GPT(config))
+    if not specs:
+        raise UserError(f"{tag_dir} is a tp={len(shards)} checkpoint but this model has no tensor-parallel "
+                        "shard specs; gather it on a megatron_lite version with tensor-parallel layers")
+    return gather_state_dicts(shards, specs)
+
+
+def model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], device="cpu",
+                          dtype: torch.dtype | None = None):
+    """A GPT in eval mode holding `state_dict` (ep = tp = 1). Missing/unexpected keys are an error."""
+    from megatron_lite.model.gpt import GPT
+
+    dtype = dtype or torch.float32
+    model = GPT(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match its model_config.json: missing {missing[:4]}"
+                        f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                        f"{'...' if len(unexpected) > 4 else ''}")
+    model.load_state_dict(state_dict)
+    model = model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- weights into a model
+
+def local_state_dict(full: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """Cut a full (tp = ep = 1) state dict down to what `model` holds on this rank: its tensor-parallel
+    shard of every split weight and its own experts (global expert ep_rank * n_local + j is local j)."""
+    from megatron_lite.tensor_parallel.reshard import shard_state_dict, tp_shard_specs
+
+    if model.tp_size > 1:
+        import torch.distributed as dist
+
+        full = shard_state_dict(full, tp_shard_specs(model), dist.get_rank(model.tp_group), model.tp_size)
+    if model.ep_size == 1:
+        return full
+    n_local = model.config.num_experts // model.ep_size
+    first = model.ep_rank * n_local
+    out = {}
+    for k, v in full.items():
+        m = EXPERT_KEY.match(k)
+        if m is None:
+            out[k] = v
+        elif first <= int(m["expert"]) < first + n_local:
+            out[expert_key(m["layer"], int(m["expert"]) - first, m["param"])] = v
+    return out
+
+
+def load_weights_into(model, path: str | Path, tag: str | None = None) -> None:
+    """Load the weights of checkpoint `path` (any tp / ep / ZeRO layout it was saved with) into `model`
+    (any tp / ep it was built with). Used before the DeepSpeed engine exists (eval, SFT --pretrained), so
+    no optimizer copy of the weights has to be refreshed afterwards."""
+    config, full = load_full_state_dict(path, tag)
+    if config != model.config:  # (the preset name is not compared)
+        raise UserError(f"checkpoint {path} holds a different model than the one being built; "
+                        f"see {Path(path) / 'model_config.json'}")
+    model.load_state_dict(local_state_dict(full, model))
+
+
+# ---------------------------------------------------------------------------------------------- training resume
+
+def check_checkpoint_dir(path: str) -> str:
+    """The tag `latest` names in `path`, or a one-line error when `path` is not a usable checkpoint."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"checkpoint folder {path} does not exist")
+    tag = latest_tag(root)
+    if tag is None:
+        raise UserError(f"{path} has no 'latest' file: not a megatron_lite checkpoint, or no save finished")
+    if not (root / tag / model_states_file(0)).exists():
+        raise UserError(f"{path}/latest names {tag!r}, which has no {model_states_file(0)}")
+    check_pickle_globals(root / tag)
+    return tag
+
+
+def check_resumable(path: str, dp: int, tp: int, zero_stage: int) -> None:
+    """Exact resume restores the optimizer, whose ZeRO shards are cut per data-parallel rank: refuse (one
+    line, before DeepSpeed starts) a layout that DeepSpeed would fail on with a traceback."""
+    tag_dir = Path(path) / latest_tag(Path(path))
+    shards = {int(m.group(1)) for f in tag_dir.iterdir() if (m := ZERO_SHARD_FILE.match(f.name))}
+    saved_tp = sum(1 for f in tag_dir.iterdir() if MODEL_STATES_FILE.match(f.name))
+    saved = f"{len(shards)} ZeRO shards (data-parallel {len(shards)})" if shards else "no ZeRO shards (one data-parallel rank or stage 0)"
+    now = f"data-parallel {dp} with ZeRO stage {zero_stage}"
+    if saved_tp != tp:
+        raise UserError(f"--load {path}: saved with --tp {saved_tp}, this run has --tp {tp}; resume with --tp {saved_tp}")
+    if (zero_stage > 0) != bool(shards) or (shards and len(shards) != dp):
+        raise UserError(f"--load {path}: the optimizer state was saved as {saved}, this run is {now}; "
+                        f"resume with the same number of data-parallel ranks (world size / --tp) and ds_config")
+
+
+def check_same_model(path: str, config: ModelConfig) -> None:
+    saved = ModelConfig.load(path)
+    if saved != config:
+        diff = {k: (v, getattr(config, k)) for k, v in saved.to_dict().items()
+                if k != "name" and getattr(config, k) != v}
+        raise UserError(f"checkpoint {path} holds a different model (saved vs requested: {diff})")
+
+
+def load_training_checkpoint(engine, path: str, config: ModelConfig) -> dict:
+    """Restore a DeepSpeed engine exactly (weights, optimizer, scheduler) from CKPT (`latest`). Returns the
+    client state the training loop saved."""
+    tag = check_checkpoint_dir(path)
+    check_same_model(path, config)
+    load_path, client = engine.load_checkpoint(path, tag=tag)
+    if load_path is None:
+        raise UserError(f"could not load checkpoint {path}/{tag}")
+    return client or {}
