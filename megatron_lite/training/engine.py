@@ -115,6 +115,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
     JSON instead. The `scheduler` and `wandb` sections are ours and are not passed on.
     """
     import deepspeed
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
 
     cfg = copy.deepcopy(ds_config)
     sched = lr_settings(cfg) if train else None
@@ -128,8 +129,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
             cfg.pop("optimizer")
             cfg["zero_allow_untested_optimizer"] = True
             clip_grad = None
-            if not _deepspeed_wraps_optimizer(cfg) and cfg.get("gradient_clipping", 0) > 0:
-                clip_grad = (float(cfg.pop("gradient_clipping")), list(model.parameters()), dims.mpu)
+            max_norm = float(cfg.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT))
+            if not _deepspeed_wraps_optimizer(cfg) and max_norm > 0:
+                cfg["gradient_clipping"] = 0.0  # the optimizer clips (see NonFiniteSkippingAdamW)
+                clip_grad = (max_norm, list(model.parameters()), dims.mpu)
             kwargs["optimizer"] = lambda params: NonFiniteSkippingAdamW(
                 params, clip_grad=clip_grad, lr=float(opt["lr"]), betas=tuple(opt.get("betas", (0.9, 0.999))),
                 eps=float(opt.get("eps", 1e-8)), weight_decay=float(opt.get("weight_decay", 0.0)), fused=True)
