@@ -5,7 +5,7 @@ On the CPU accelerator DeepSpeed's comm backend JIT-compiles a shared-memory all
 `inference_all_reduce`, while training collectives go through torch.distributed (gloo or NCCL). It costs
 a fresh machine minutes of C++ compiling inside the first `deepspeed` run, an interrupted build leaves a
 lock in ~/.cache/torch_extensions on which every later run waits forever, and each multi-rank run leaves
-2 x 69 MB in /dev/shm that is never unlinked. So its builder is switched off; set
+shared-memory segments in /dev/shm that are never unlinked. So its builder is switched off; set
 MEGATRON_LITE_DS_SHM_COMM=1 to get DeepSpeed's default back.
 """
 import importlib

@@ -1,4 +1,8 @@
-"""Reading training checkpoints: DeepSpeed MoE expert files, tp=2 shards, numpy RNG client state, bad folders."""
+"""Checkpoint folders: DeepSpeed MoE expert files, tp=2 shards, numpy RNG client state, bad folders; the
+expert key, the atomic writers, the one pickle policy."""
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +105,87 @@ def test_written_checkpoint_loads_in_deepspeed(tmp_path):
     r = subprocess.run([sys.executable, "-c", DS_LOAD, str(ckpt)], env=env, capture_output=True, text=True,
                        timeout=300)
     assert "DS-LOAD-OK" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ layout and writers
+
+def test_expert_key_is_the_one_spelling_of_expert_weights():
+    from megatron_lite.checkpoint.layout import EXPERT_KEY, expert_key
+
+    sd = tiny_model(tiny_config(moe=True)).state_dict()
+    experts = {k: m for k in sd if (m := EXPERT_KEY.match(k))}
+    assert len({(m["layer"], m["expert"]) for m in experts.values()}) == 2 * 4  # layers x experts
+    assert all(expert_key(m["layer"], m["expert"], m["param"]) == k for k, m in experts.items())
+    assert all("deepspeed_experts" not in k for k in sd.keys() - experts.keys())
+
+
+def test_weights_folder_writer_commits_atomically(tmp_path):
+    """save_checkpoint_folder writes under tmp-<tag> and only then replaces <tag> and `latest`: a writer that
+    dies half way leaves the previous checkpoint readable, and a rewrite leaves no debris."""
+    from megatron_lite.checkpoint.save import save_checkpoint_folder
+
+    config = tiny_config()
+    first = tiny_model(config, seed=1).state_dict()
+    save_checkpoint_folder(tmp_path, config, first, tag="a")
+
+    class DiesWhileSaving:
+        def save_pretrained(self, path):
+            raise KeyboardInterrupt  # killed after the weights, before the commit
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint_folder(tmp_path, config, tiny_model(config, seed=2).state_dict(), DiesWhileSaving(), tag="b")
+    assert (tmp_path / "latest").read_text() == "a" and not (tmp_path / "b").exists()
+    _, sd = load_full_state_dict(tmp_path)
+    assert all(torch.equal(sd[k], v) for k, v in first.items())
+    second = tiny_model(config, seed=3).state_dict()
+    save_checkpoint_folder(tmp_path, config, second, tag="a")
+    _, sd = load_full_state_dict(tmp_path)
+    assert all(torch.equal(sd[k], v) for k, v in second.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "latest", "model_config.json", "tmp-b"]
+    save_checkpoint_folder(tmp_path, config, second, tag="b")  # the debris of the failed save is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "latest", "model_config.json"]
+
+
+def test_before_commit_sees_the_complete_temporary_folder(tmp_path):
+    from megatron_lite.checkpoint.save import save_training_checkpoint
+
+    class Engine:
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            (Path(save_dir) / tag).mkdir(parents=True)
+            torch.save({"module": {}, "it": client_state["it"]}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+
+    seen = []
+
+    def before_commit(tmp_dir):
+        seen.append((tmp_dir.name, sorted(p.name for p in tmp_dir.iterdir()), (tmp_path / "latest").read_text()))
+
+    save_training_checkpoint(Engine(), str(tmp_path), 1, {"it": 1})
+    assert save_training_checkpoint(Engine(), str(tmp_path), 2, {"it": 2}, before_commit=before_commit) == "global_step2"
+    assert seen == [("tmp-global_step2", ["mp_rank_00_model_states.pt"], "global_step1")]
+    assert (tmp_path / "latest").read_text() == "global_step2" and not (tmp_path / "tmp-global_step2").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_one_pickle_policy_for_loading_and_scanning(tmp_path):
+    """Plain numpy data and DeepSpeed classes are admitted by the weights-only loader and by the scan that
+    runs before DeepSpeed unpickles a folder; a function such as os.system by neither."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from megatron_lite.checkpoint.layout import check_pickle_globals, load_weights_only
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    torch.save({"rng": np.random.get_state(), "stage": ZeroStageEnum(2)}, good / "x.pt")
+    torch.save({"payload": _Evil()}, bad / "x.pt")
+    state = load_weights_only(good / "x.pt")
+    assert state["stage"] == ZeroStageEnum(2) and np.array_equal(state["rng"][1], np.random.get_state()[1])
+    check_pickle_globals(good)
+    with pytest.raises(UserError, match="cannot read .* unsafe globals .*system"):
+        load_weights_only(bad / "x.pt")
+    with pytest.raises(UserError, match="system, which loading would execute; refusing"):
+        check_pickle_globals(bad)
