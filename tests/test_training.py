@@ -266,7 +266,7 @@ def test_resume_moe_ep2_is_exact(moe2, tmp_path):
 def test_sft_loss_is_cross_entropy_on_assistant_tokens_only(data):
     """The SFT item for a crafted conversation trains exactly on the assistant reply (+ its <|im_end|>):
     the model's loss equals CE over those positions, and the gradient ignores every other label."""
-    from megatron_lite.data.sft_dataset import build_sft_datasets
+    from megatron_lite.data.sft_dataset import IGNORE_INDEX, build_sft_datasets
     from megatron_lite.data.tokenizer import load_tokenizer
     from megatron_lite.model.gpt import GPT
 
@@ -282,7 +282,7 @@ def test_sft_loss_is_cross_entropy_on_assistant_tokens_only(data):
     tok = load_tokenizer(str(data["tok"]))
     train, _, _ = build_sft_datasets([str(d / "c_text_document")], "1,0,0", 256, 0, (1, 0, 0))
     item = train[0]
-    trained = item["labels"][item["labels"] != -100]
+    trained = item["labels"][item["labels"] != IGNORE_INDEX]
     assert tok.decode(trained) == "5<|im_end|>It is 8.<|im_end|>"
 
     torch.manual_seed(0)
@@ -290,12 +290,12 @@ def test_sft_loss_is_cross_entropy_on_assistant_tokens_only(data):
                            vocab_size=pad_vocab_size(len(tok))))
     ids, labels = item["input_ids"][None], item["labels"][None]
     out = model(ids, labels)
-    keep = labels[0] != -100
+    keep = labels[0] != IGNORE_INDEX
     manual = torch.nn.functional.cross_entropy(out.logits[0][keep], labels[0][keep])
     assert torch.equal(out.loss, manual)
     # Gradient of the SFT loss w.r.t. the logits is zero at every non-assistant position.
     logits = out.logits.detach().requires_grad_(True)
-    torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100).backward()
+    torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX).backward()
     assert logits.grad[0][~keep].abs().max() == 0 and logits.grad[0][keep].abs().max() > 0
 
 
@@ -335,7 +335,7 @@ def test_user_error_is_one_line_exit_2(data, tmp_path):
 ])
 def test_user_errors_before_any_work(data, extra, message):
     """Raised in the launching process before DeepSpeed starts (checked in-process: no ranks needed)."""
-    from megatron_lite.training.run import main
+    from megatron_lite.training.cli import main
 
     with pytest.raises(UserError, match=message):
         main("pretrain", ["--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "1", *extra])
@@ -343,7 +343,7 @@ def test_user_errors_before_any_work(data, extra, message):
 
 @pytest.mark.multirank
 def test_load_of_a_different_model_is_refused(dense2, data):
-    from megatron_lite.training.run import main
+    from megatron_lite.training.cli import main
 
     with pytest.raises(UserError, match="different model"):
         main("pretrain", ["--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "1",

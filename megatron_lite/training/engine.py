@@ -26,6 +26,7 @@ import random
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -400,8 +401,12 @@ def write_run_files(save_dir: str, config: ModelConfig, tokenizer_dir: str, ds_c
     _atomic_write_text(root / "args.json", json.dumps(args, indent=2, default=str) + "\n")
 
 
-def save_checkpoint(engine, save_dir: str, iteration: int, client_state: dict) -> str:
-    """Write CKPT/global_step{iteration} and point `latest` at it; collective (every rank calls it)."""
+def save_checkpoint(engine, save_dir: str, iteration: int, client_state: dict,
+                    before_commit: Callable[[Path], None] | None = None) -> str:
+    """Write CKPT/global_step{iteration} and point `latest` at it; collective (every rank calls it).
+
+    before_commit(tmp_folder) runs on every rank once all shards are on disk, before the rename and `latest`
+    (tests use it to kill a run in the middle of a save)."""
     root = Path(save_dir)
     tag = f"global_step{iteration}"
     tmp_tag = f"tmp-{tag}"
@@ -411,13 +416,9 @@ def save_checkpoint(engine, save_dir: str, iteration: int, client_state: dict) -
     engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
     _fsync_tree(root / tmp_tag)  # page cache survives SIGKILL, not a power cut: data on disk before the rename
     _barrier()  # every rank's shards are on disk
+    if before_commit is not None:
+        before_commit(root / tmp_tag)
     if _is_rank0():
-        # Test-only (tests/test_reliability.py): hold here, shards written but not yet renamed, so a test can
-        # SIGKILL the run in the middle of a save. "STEP:SECONDS".
-        slow = os.environ.get("MEGATRON_LITE_TEST_SLOW_SAVE", "")
-        if slow and int(slow.split(":")[0]) == iteration:
-            import time
-            time.sleep(float(slow.split(":")[1]))
         final, trash = root / tag, root / f"trash-{tag}"
         if final.exists():  # the same step saved again (e.g. a rerun into the same folder)
             shutil.rmtree(trash, ignore_errors=True)
