@@ -76,6 +76,27 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert lr_at(20, 1.0, 0.1, 4, 20) == lr_at(99, 1.0, 0.1, 4, 20) == pytest.approx(0.1)
 
 
+def test_loop_decides_log_save_and_stop_steps(tmp_path):
+    from megatron_lite.training.loop import (Progress, TrainSettings, check_bad_streak, is_log_step, is_save_step,
+                                             should_stop)
+
+    s = TrainSettings(train_iters=10, micro_batch_size=2, grad_accum=1, dp_size=1, dp_rank=0, seq_length=8, seed=0,
+                      log_interval=3, save_interval=4, save_dir=str(tmp_path), exit_interval=5, max_bad_steps=2)
+    assert [it for it in range(1, 11) if is_log_step(it, s)] == [3, 6, 9, 10]  # and always the last step
+    assert [it for it in range(1, 11) if is_save_step(it, s)] == [4, 8, 10]
+    assert not any(is_save_step(it, TrainSettings(**{**vars(s), "save_dir": None})) for it in range(1, 11))
+    cpu = torch.device("cpu")
+    assert [should_stop(it, s, None, cpu) for it in (4, 5, 10)] == [None, "exiting at step 5 (--exit-interval 5)", None]
+    p = Progress(iteration=3, consumed_samples=6)
+    for skipped in (True, False, True, True):
+        p.advance(s.global_batch, skipped)
+    assert (p.iteration, p.consumed_samples, p.skipped_steps, p.bad_streak) == (7, 14, 3, 2)
+    (tmp_path / "latest").write_text("global_step4")
+    with pytest.raises(UserError, match="stopped at step 7: 2 consecutive") as e:
+        check_bad_streak(p, s)
+    assert f"the last checkpoint is {tmp_path}/global_step4" in str(e.value)
+
+
 def test_ds_config_flags_override_json_and_batch_checks():
     base = eng.load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
     cfg = eng.resolve_ds_config(base, dp=2, micro_batch_size=3, global_batch_size=24, lr=5e-4, min_lr=5e-5,
