@@ -238,9 +238,9 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.multirank
 def test_nan_steps_are_skipped_then_the_run_stops(data, tmp_path):
-    """NaN loss on rank 0 only (injected by tests/fault_launch.py) at steps 3, 5, 6, 7 with --max-bad-steps 3: each update is skipped
-    on both ranks (weights unchanged), counted in metrics.jsonl, and the third bad step in a row stops the run
-    with one error line, the last checkpoint intact."""
+    """NaN loss on rank 0 only (injected by tests/fault_launch.py) at steps 3, 5, 6, 7 with --max-bad-steps 3: each
+    update is skipped on both ranks (weights unchanged), counted in metrics.jsonl, and the third bad step in a row
+    stops the run with one error line, the last checkpoint intact."""
     ck = tmp_path / "ckpt"
     p = run("tests/fault_launch.py", ["--fault-nan-at", "3,5,6,7",
                                       *pretrain_args(data, ck, 10, "--micro-batch-size", 2, "--save-interval", 1,

@@ -229,7 +229,8 @@ def build_datasets(kind: str, a, s: TrainSettings):
     """(train, valid): enough samples for every step and every evaluation."""
     build = build_sft_datasets if kind == "sft" else build_gpt_datasets
     n_eval = a.eval_iters * s.global_batch if a.eval_interval else 0
-    train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed, (a.train_iters * s.global_batch, n_eval, 0))
+    samples = (a.train_iters * s.global_batch, n_eval, 0)
+    train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed, samples)
     if train_ds is None:
         raise UserError(f"--data-path {' '.join(a.data_path)} with --split {a.split} leaves no training data")
     return train_ds, valid_ds
