@@ -10,12 +10,8 @@ The model, tokenizer and weights all come from CKPT (model_config.json + DeepSpe
 import argparse
 import json
 import logging
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
+from megatron_lite.errors import UserError, exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:

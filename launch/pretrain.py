@@ -4,14 +4,7 @@
     python launch/pretrain.py --deepspeed ds_configs/zero2.json ...
     deepspeed --num_gpus 2 launch/pretrain.py --deepspeed ds_configs/zero2.json ...
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_lite.errors import exit_on_user_error  # noqa: E402
-from megatron_lite.training.run import main  # noqa: E402
+from megatron_lite.training.cli import run_script
 
 if __name__ == "__main__":
-    with exit_on_user_error("launch/pretrain.py"):
-        main("pretrain")
+    run_script("pretrain")

@@ -38,9 +38,9 @@ def data(tmp_path_factory):
     return build_data(tmp_path_factory.mktemp("rel_data"))
 
 
-def start(args, log: Path, **extra_env) -> subprocess.Popen:
+def start(args, log: Path, script: str = "launch/pretrain.py") -> subprocess.Popen:
     """A 2-rank run in its own session (process group), so the whole tree can be signalled at once."""
-    return subprocess.Popen(command("launch/pretrain.py", args, ranks=2), cwd=REPO, env=env(**extra_env),
+    return subprocess.Popen(command(script, args, ranks=2), cwd=REPO, env=env(),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -134,11 +134,12 @@ def chain(data, tmp_path_factory):
     out["kill1_latest"] = latest_step(ck)
 
     # 2. Resume, then SIGKILL in the middle of the save at step S: every rank's shards are in tmp-global_stepS
-    #    (the test hook holds rank 0 there), `latest` still names the previous checkpoint.
+    #    (tests/fault_launch.py's before_commit hook holds the ranks there), `latest` still names the previous
+    #    checkpoint.
     s = out["kill1_latest"] + 2 * SAVE
     out["S"] = s
     log = root / "kill2.log"
-    p = start(args("--load", ck), log, MEGATRON_LITE_TEST_SLOW_SAVE=f"{s}:300")
+    p = start(["--fault-hold-save", f"{s}:300", *args("--load", ck)], log, script="tests/fault_launch.py")
     tmp = ck / f"tmp-global_step{s}"
     wait_for(lambda: len(list(tmp.glob("*_optim_states.pt"))) == 2, p, log, f"{tmp.name} written")
     out["kill2_pids"] = sigkill_tree(p)
@@ -237,13 +238,14 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.multirank
 def test_nan_steps_are_skipped_then_the_run_stops(data, tmp_path):
-    """NaN loss on rank 0 only (test hook) at steps 3, 5, 6, 7 with --max-bad-steps 3: each update is skipped
-    on both ranks (weights unchanged), counted in metrics.jsonl, and the third bad step in a row stops the run
-    with one error line, the last checkpoint intact."""
+    """NaN loss on rank 0 only (injected by tests/fault_launch.py) at steps 3, 5, 6, 7 with --max-bad-steps 3: each
+    update is skipped on both ranks (weights unchanged), counted in metrics.jsonl, and the third bad step in a row
+    stops the run with one error line, the last checkpoint intact."""
     ck = tmp_path / "ckpt"
-    p = run("launch/pretrain.py", pretrain_args(data, ck, 10, "--micro-batch-size", 2, "--save-interval", 1,
-                                                "--max-bad-steps", 3),
-            ranks=2, check=False, MEGATRON_LITE_INJECT_NAN_AT="3,5,6,7")
+    p = run("tests/fault_launch.py", ["--fault-nan-at", "3,5,6,7",
+                                      *pretrain_args(data, ck, 10, "--micro-batch-size", 2, "--save-interval", 1,
+                                                     "--max-bad-steps", 3)],
+            ranks=2, check=False)
     assert p.returncode != 0
     errors = [line for line in (p.stdout + p.stderr).splitlines() if "launch/pretrain.py: error:" in line]
     assert errors and all("stopped at step 7: 3 consecutive steps had a non-finite loss or gradients" in e and

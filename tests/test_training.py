@@ -80,6 +80,27 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert lr_at(20, 1.0, 0.1, 4, 20) == lr_at(99, 1.0, 0.1, 4, 20) == pytest.approx(0.1)
 
 
+def test_loop_decides_log_save_and_stop_steps(tmp_path):
+    from megatron_lite.training.loop import (Progress, TrainSettings, check_bad_streak, is_log_step, is_save_step,
+                                             should_stop)
+
+    s = TrainSettings(train_iters=10, micro_batch_size=2, grad_accum=1, dp_size=1, dp_rank=0, seq_length=8, seed=0,
+                      log_interval=3, save_interval=4, save_dir=str(tmp_path), exit_interval=5, max_bad_steps=2)
+    assert [it for it in range(1, 11) if is_log_step(it, s)] == [3, 6, 9, 10]  # and always the last step
+    assert [it for it in range(1, 11) if is_save_step(it, s)] == [4, 8, 10]
+    assert not any(is_save_step(it, TrainSettings(**{**vars(s), "save_dir": None})) for it in range(1, 11))
+    cpu = torch.device("cpu")
+    assert [should_stop(it, s, None, cpu) for it in (4, 5, 10)] == [None, "exiting at step 5 (--exit-interval 5)", None]
+    p = Progress(iteration=3, consumed_samples=6)
+    for skipped in (True, False, True, True):
+        p.advance(s.global_batch, skipped)
+    assert (p.iteration, p.consumed_samples, p.skipped_steps, p.bad_streak) == (7, 14, 3, 2)
+    (tmp_path / "latest").write_text("global_step4")
+    with pytest.raises(UserError, match="stopped at step 7: 2 consecutive") as e:
+        check_bad_streak(p, s)
+    assert f"the last checkpoint is {tmp_path}/global_step4" in str(e.value)
+
+
 def test_ds_config_flags_override_json_and_batch_checks():
     base = load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
     cfg = resolve_ds_config(base, dp=2, micro_batch_size=3, global_batch_size=24, lr=5e-4, min_lr=5e-5,
@@ -270,7 +291,7 @@ def test_resume_moe_ep2_is_exact(moe2, tmp_path):
 def test_sft_loss_is_cross_entropy_on_assistant_tokens_only(data):
     """The SFT item for a crafted conversation trains exactly on the assistant reply (+ its <|im_end|>):
     the model's loss equals CE over those positions, and the gradient ignores every other label."""
-    from megatron_lite.data.sft_dataset import build_sft_datasets
+    from megatron_lite.data.sft_dataset import IGNORE_INDEX, build_sft_datasets
     from megatron_lite.data.tokenizer import load_tokenizer
     from megatron_lite.model.gpt import GPT
 
@@ -286,7 +307,7 @@ def test_sft_loss_is_cross_entropy_on_assistant_tokens_only(data):
     tok = load_tokenizer(str(data["tok"]))
     train, _, _ = build_sft_datasets([str(d / "c_text_document")], "1,0,0", 256, 0, (1, 0, 0))
     item = train[0]
-    trained = item["labels"][item["labels"] != -100]
+    trained = item["labels"][item["labels"] != IGNORE_INDEX]
     assert tok.decode(trained) == "5<|im_end|>It is 8.<|im_end|>"
 
     torch.manual_seed(0)
@@ -294,12 +315,12 @@ def test_sft_loss_is_cross_entropy_on_assistant_tokens_only(data):
                            vocab_size=pad_vocab_size(len(tok))))
     ids, labels = item["input_ids"][None], item["labels"][None]
     out = model(ids, labels)
-    keep = labels[0] != -100
+    keep = labels[0] != IGNORE_INDEX
     manual = torch.nn.functional.cross_entropy(out.logits[0][keep], labels[0][keep])
     assert torch.equal(out.loss, manual)
     # Gradient of the SFT loss w.r.t. the logits is zero at every non-assistant position.
     logits = out.logits.detach().requires_grad_(True)
-    torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100).backward()
+    torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX).backward()
     assert logits.grad[0][~keep].abs().max() == 0 and logits.grad[0][keep].abs().max() > 0
 
 
@@ -339,7 +360,7 @@ def test_user_error_is_one_line_exit_2(data, tmp_path):
 ])
 def test_user_errors_before_any_work(data, extra, message):
     """Raised in the launching process before DeepSpeed starts (checked in-process: no ranks needed)."""
-    from megatron_lite.training.run import main
+    from megatron_lite.training.cli import main
 
     with pytest.raises(UserError, match=message):
         main("pretrain", ["--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "1", *extra])
@@ -347,7 +368,7 @@ def test_user_errors_before_any_work(data, extra, message):
 
 @pytest.mark.multirank
 def test_load_of_a_different_model_is_refused(dense2, data):
-    from megatron_lite.training.run import main
+    from megatron_lite.training.cli import main
 
     with pytest.raises(UserError, match="different model"):
         main("pretrain", ["--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "1",

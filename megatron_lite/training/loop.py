@@ -13,14 +13,18 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.save import save_training_checkpoint
 from megatron_lite.config import ModelConfig
+from megatron_lite.data.sft_dataset import IGNORE_INDEX
 from megatron_lite.errors import UserError
+from megatron_lite.checkpoint.save import save_training_checkpoint
 from megatron_lite.training.engine import nonfinite_guard
 from megatron_lite.training.rng import rng_state, seed_step
 
@@ -46,6 +50,31 @@ class TrainSettings:
     @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.dp_size
+
+
+@dataclass
+class Progress:
+    """Where the run stands after `iteration` optimizer steps: what a checkpoint holds to resume exactly."""
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradients, over the whole run
+    bad_streak: int = 0  # of those, in a row up to now (not saved: a resumed run starts a new streak)
+
+    def advance(self, global_batch: int, skipped: bool) -> None:
+        self.iteration += 1
+        self.consumed_samples += global_batch
+        if skipped:
+            self.skipped_steps += 1
+            self.bad_streak += 1
+        else:
+            self.bad_streak = 0
+
+
+@dataclass
+class Faults:
+    """Failures a test injects into a real run (tests/fault_launch.py builds one; production passes none)."""
+    nan_at_steps: frozenset[int] = frozenset()  # rank 0's first micro-batch loss is NaN at these steps (1-based)
+    before_commit: Callable[[Path], None] | None = None  # runs inside each save, shards written, before `latest`
 
 
 class StopRequest:
@@ -85,19 +114,14 @@ class StopRequest:
         return flag.item() > 0
 
 
-def _inject_nan_steps() -> set[int]:
-    """Test-only: MEGATRON_LITE_INJECT_NAN_AT="3,5" makes rank 0's loss NaN at those steps (1-based)."""
-    return {int(x) for x in os.environ.get("MEGATRON_LITE_INJECT_NAN_AT", "").split(",") if x.strip()}
-
-
 def micro_batch(dataset, s: TrainSettings, first_sample: int, micro_step: int, dev: torch.device):
     """(input_ids, labels, has_targets) of this rank's micro-batch; has_targets is False when every label is
-    -100 (an SFT batch whose replies were all truncated away), checked on the host before the copy."""
+    IGNORE_INDEX (an SFT batch whose replies were all truncated away), checked on the host before the copy."""
     start = first_sample + (micro_step * s.dp_size + s.dp_rank) * s.micro_batch_size
     items = [dataset[i] for i in range(start, start + s.micro_batch_size)]
     input_ids = torch.stack([x["input_ids"] for x in items])
     labels = torch.stack([x["labels"] for x in items])
-    has_targets = bool((labels != -100).any())
+    has_targets = bool((labels != IGNORE_INDEX).any())
     return input_ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), has_targets
 
 
@@ -124,6 +148,13 @@ def _dp_mean(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def _to_float(x):
+    if x is None:
+        return None
+    x = float(x.item()) if torch.is_tensor(x) else float(x)
+    return x if math.isfinite(x) else None  # a skipped step's norm is NaN/inf: JSON has no such numbers
+
+
 @torch.no_grad()
 def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
     """Mean LM loss and perplexity over the first eval_iters global batches of `dataset` (the same
@@ -145,150 +176,189 @@ def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
     return loss, math.exp(min(loss, 50.0))
 
 
+class LogInterval:
+    """What the steps since the last log line add up to, and the clock behind tokens/s and the ETA.
+
+    The sums stay on the device: nothing syncs with the host until `row()` builds the log step's metrics
+    (and starts the next interval)."""
+
+    def __init__(self, s: TrainSettings, config: ModelConfig, dev: torch.device, dp_group):
+        self.s, self.config, self.dev, self.dp_group = s, config, dev, dp_group
+        self.flops_per_token = flops_per_token(config, s.seq_length)
+        self.run_started = self.started = time.perf_counter()  # `started` moves forward past eval and save time
+        self.steps_timed = 0
+        self._zero()
+
+    def _zero(self) -> None:
+        self.steps = 0
+        self.n_loss = 0  # micro-batches with targets
+        self.loss_sum = torch.zeros((), device=self.dev)
+        self.bad_sum = torch.zeros((), device=self.dev)  # of those, with a non-finite loss
+        self.aux_sum = torch.zeros((), device=self.dev)
+        self.counts_sum = None  # (layers, experts) tokens routed
+
+    def add_micro_batch(self, out, lm_loss: torch.Tensor, bad: torch.Tensor, has_targets: bool) -> None:
+        if has_targets:
+            self.loss_sum += torch.where(bad > 0, 0.0, lm_loss.detach().float())  # keep NaN out of the mean
+            self.bad_sum += bad
+            self.n_loss += 1
+        if out.aux_loss is not None:
+            self.aux_sum += out.aux_loss.detach().float()
+            c = out.expert_counts.detach().float()
+            self.counts_sum = c if self.counts_sum is None else self.counts_sum + c
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (eval, save) is not training throughput."""
+        t0 = time.perf_counter()
+        yield
+        self.started += time.perf_counter() - t0
+
+    def row(self, p: Progress, lr: float, grad_norm) -> tuple[dict, float]:
+        """(metrics row of this log step, ETA in seconds); the next interval starts empty."""
+        s, dev, group = self.s, self.dev, self.dp_group
+        # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide.
+        stats = _dp_sum(torch.stack([self.loss_sum, torch.tensor(float(self.n_loss), device=dev) - self.bad_sum]),
+                        group)
+        # None when every micro-batch since the last log had a non-finite loss.
+        loss = (stats[0] / stats[1]).item() if stats[1] > 0 else None
+        now = time.perf_counter()
+        tok_s = s.global_batch * s.seq_length * self.steps / (now - self.started)
+        self.steps_timed += self.steps
+        metrics = {"step": p.iteration, "loss": loss, "lr": lr, "grad_norm": _to_float(grad_norm),
+                   "tokens_per_s": tok_s, "consumed_samples": p.consumed_samples, "skipped_steps": p.skipped_steps}
+        if s.peak_flops:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            metrics["mfu"] = tok_s * self.flops_per_token / (s.peak_flops * world)
+        if self.config.is_moe:
+            metrics["aux_loss"] = _dp_mean(self.aux_sum / (self.steps * s.grad_accum), group).item()
+            counts = _dp_mean(self.counts_sum, group)
+            metrics["expert_load"] = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).tolist()
+        eta = (now - self.run_started) / self.steps_timed * (s.train_iters - p.iteration)
+        self._zero()
+        self.started = time.perf_counter()
+        return metrics, eta
+
+
+def train_step(engine, dataset, s: TrainSettings, p: Progress, interval: LogInterval,
+               nan_at_steps: frozenset[int]) -> tuple[float, bool]:
+    """Optimizer step p.iteration + 1: grad_accum micro-batches forward and backward, then the update.
+    Returns the learning rate the update used and whether it was skipped (non-finite loss or gradients)."""
+    seed_step(s.seed, s.dp_rank, p.iteration)
+    lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances inside step())
+    ds_skipped_before = engine.skipped_steps
+    guard = nonfinite_guard(engine)
+    if guard is not None:
+        guard.bad_loss, guard.last_skipped = None, False
+    for m in range(s.grad_accum):
+        input_ids, labels, has_targets = micro_batch(dataset, s, p.consumed_samples, m, engine.device)
+        out = engine(input_ids, labels)
+        # No targets: CE is 0/0 = NaN. Back-propagate an exact zero instead (every rank must still run
+        # backward for ZeRO's gradient reduction) and leave the batch out of the logged loss.
+        lm_loss = out.loss if has_targets else out.logits.sum() * 0.0
+        if p.iteration + 1 in nan_at_steps and s.dp_rank == 0 and m == 0:
+            lm_loss = lm_loss * float("nan")
+        loss = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
+        engine.backward(loss)
+        bad = (~torch.isfinite(loss.detach())).float()  # on the device: no host sync per micro-step
+        if guard is not None:  # read by the optimizer at the accumulation boundary, inside engine.step()
+            guard.bad_loss = bad if guard.bad_loss is None else guard.bad_loss + bad
+        engine.step()
+        interval.add_micro_batch(out, lm_loss, bad, has_targets)
+    interval.steps += 1
+    # Both verdicts are already agreed over ranks (all-reduced), so every rank takes the same branch.
+    skipped = engine.skipped_steps > ds_skipped_before or (guard is not None and guard.last_skipped)
+    return lr, skipped
+
+
+def is_log_step(it: int, s: TrainSettings) -> bool:
+    return it % s.log_interval == 0 or it == s.train_iters
+
+
+def maybe_eval(engine, valid_ds, s: TrainSettings, dp_group, it: int, metrics: dict | None,
+               interval: LogInterval) -> dict | None:
+    """On eval steps (and the last step): this step's row with eval_loss and eval_ppl added."""
+    if not (s.eval_interval and valid_ds is not None and s.eval_iters
+            and (it % s.eval_interval == 0 or it == s.train_iters)):
+        return metrics
+    with interval.paused():
+        eval_loss, ppl = evaluate(engine, valid_ds, s, dp_group)
+    return {**(metrics or {"step": it}), "eval_loss": eval_loss, "eval_ppl": ppl}
+
+
+def check_bad_streak(p: Progress, s: TrainSettings) -> None:
+    """Stop with a UserError after max_bad_steps skipped updates in a row (the last checkpoint stays as it was)."""
+    if not (s.max_bad_steps and p.bad_streak >= s.max_bad_steps):
+        return
+    latest = os.path.join(s.save_dir, "latest") if s.save_dir else None
+    kept = (f"the last checkpoint is {s.save_dir}/{open(latest).read().strip()}"
+            if latest and os.path.exists(latest) else "no checkpoint was saved")
+    raise UserError(f"stopped at step {p.iteration}: {p.bad_streak} consecutive steps had a non-finite loss or "
+                    f"gradients (--max-bad-steps {s.max_bad_steps}); {kept}; lower --lr or check the "
+                    f"data, then resume with --load")
+
+
+def is_save_step(it: int, s: TrainSettings) -> bool:
+    return bool(s.save_dir and (s.save_interval and it % s.save_interval == 0 or it == s.train_iters))
+
+
+def should_stop(it: int, s: TrainSettings, stop: StopRequest | None, dev: torch.device) -> str | None:
+    """Why the run ends after step `it`, short of train_iters (a signal, --exit-interval), or None.
+    Collective when `stop` is given: every rank calls it after every step."""
+    if it >= s.train_iters:
+        return None
+    if stop is not None and stop.requested(dev):
+        name = signal.Signals(stop.signum).name if stop.signum else "a stop signal (on another rank)"
+        return (f"received {name}: stopping at step {it}"
+                + (f"; resume with --load {s.save_dir}" if s.save_dir else " (no --save: nothing saved)"))
+    if s.exit_interval and it % s.exit_interval == 0:
+        return f"exiting at step {it} (--exit-interval {s.exit_interval})"
+    return None
+
+
 def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, monitor, dp_group,
-          start_iter: int = 0, consumed_samples: int = 0, client_extra: dict | None = None,
-          stop: StopRequest | None = None, skipped_steps: int = 0) -> dict:
-    """Run iterations start_iter+1 .. train_iters. Returns the last logged metrics.
+          progress: Progress | None = None, stop: StopRequest | None = None, faults: Faults | None = None) -> dict:
+    """Run iterations progress.iteration+1 .. train_iters. Returns the last logged metrics.
 
     Non-finite loss or gradients: the update is skipped on every rank (see engine.NonFiniteSkippingAdamW;
     DeepSpeed's own overflow check may skip it first), counted in `skipped_steps`, and after
     `max_bad_steps` consecutive ones the run stops with a UserError, leaving the last checkpoint as it was."""
-    dev = engine.device
-    tokens_per_iter = s.global_batch * s.seq_length
-    fpt = flops_per_token(config, s.seq_length)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-
-    # Running sums since the last log step stay on the device: no host sync until we print.
-    loss_sum = torch.zeros((), device=dev)
-    bad_sum = torch.zeros((), device=dev)  # micro-batches with a non-finite loss since the last log
-    aux_sum = torch.zeros((), device=dev)
-    counts_sum = None
-    iters_since_log = n_loss = 0  # n_loss: micro-batches with targets since the last log
+    p = progress or Progress()
+    faults = faults or Faults()
+    interval = LogInterval(s, config, engine.device, dp_group)
     last = {}
-    t_log = time.perf_counter()
-    t_start, iters_timed = t_log, 0
-    guard = nonfinite_guard(engine)
-    nan_at = _inject_nan_steps()
-    bad_streak = 0
 
-    def save(iteration: int):
-        state = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": rng_state(),
+    def save() -> None:  # collective
+        state = {"iteration": p.iteration, "consumed_samples": p.consumed_samples, "rng": rng_state(),
                  "model_config": config.to_dict(), "global_batch_size": s.global_batch, "seed": s.seed,
-                 "skipped_steps": skipped_steps, **(client_extra or {})}
-        hold = os.environ.get("MEGATRON_LITE_TEST_SLOW_SAVE", "")  # test-only "STEP:SECONDS": pause before the commit
-        tag = save_training_checkpoint(engine, s.save_dir, iteration, state, before_commit=(
-            lambda _: time.sleep(float(hold.split(":")[1]))) if hold.startswith(f"{iteration}:") else None)
+                 "skipped_steps": p.skipped_steps}
+        tag = save_training_checkpoint(engine, s.save_dir, p.iteration, state, before_commit=faults.before_commit)
         monitor.print(f"saved checkpoint {s.save_dir}/{tag}")
 
-    it = start_iter
-    while it < s.train_iters:
-        seed_step(s.seed, s.dp_rank, it)
-        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances inside step())
-        ds_skipped_before = engine.skipped_steps
-        if guard is not None:
-            guard.bad_loss, guard.last_skipped = None, False
-        for m in range(s.grad_accum):
-            input_ids, labels, has_targets = micro_batch(train_ds, s, consumed_samples, m, dev)
-            out = engine(input_ids, labels)
-            # No targets: CE is 0/0 = NaN. Back-propagate an exact zero instead (every rank must still run
-            # backward for ZeRO's gradient reduction) and leave the batch out of the logged loss.
-            lm_loss = out.loss if has_targets else out.logits.sum() * 0.0
-            if it + 1 in nan_at and s.dp_rank == 0 and m == 0:
-                lm_loss = lm_loss * float("nan")  # test-only injection (MEGATRON_LITE_INJECT_NAN_AT)
-            loss = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
-            engine.backward(loss)
-            bad = (~torch.isfinite(loss.detach())).float()  # on the device: no host sync per micro-step
-            if guard is not None:  # read by the optimizer at the accumulation boundary, inside engine.step()
-                guard.bad_loss = bad if guard.bad_loss is None else guard.bad_loss + bad
-            engine.step()
-            if has_targets:
-                loss_sum += torch.where(bad > 0, 0.0, lm_loss.detach().float())  # keep NaN out of the mean
-                bad_sum += bad
-                n_loss += 1
-            if out.aux_loss is not None:
-                aux_sum += out.aux_loss.detach().float()
-                c = out.expert_counts.detach().float()
-                counts_sum = c if counts_sum is None else counts_sum + c
-        it += 1
-        consumed_samples += s.global_batch
-        iters_since_log += 1
+    while p.iteration < s.train_iters:
+        lr, skipped = train_step(engine, train_ds, s, p, interval, faults.nan_at_steps)
+        p.advance(s.global_batch, skipped)
         monitor.advance()
-        # Both verdicts are already agreed over ranks (all-reduced), so every rank takes the same branch.
-        if engine.skipped_steps > ds_skipped_before or (guard is not None and guard.last_skipped):
-            skipped_steps += 1
-            bad_streak += 1
-            monitor.print(f"step {it}: non-finite loss or gradients, update skipped "
-                          f"({bad_streak} in a row, {skipped_steps} in total)")
-        else:
-            bad_streak = 0
+        if skipped:
+            monitor.print(f"step {p.iteration}: non-finite loss or gradients, update skipped "
+                          f"({p.bad_streak} in a row, {p.skipped_steps} in total)")
 
-        metrics = None
-        if it % s.log_interval == 0 or it == s.train_iters:
-            n = iters_since_log * s.grad_accum
-            # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide.
-            stats = _dp_sum(torch.stack([loss_sum, torch.tensor(float(n_loss), device=dev) - bad_sum]), dp_group)
-            # None when every micro-batch since the last log had a non-finite loss.
-            loss_v = (stats[0] / stats[1]).item() if stats[1] > 0 else None
-            now = time.perf_counter()
-            tok_s = tokens_per_iter * iters_since_log / (now - t_log)
-            iters_timed += iters_since_log
-            metrics = {"step": it, "loss": loss_v, "lr": lr,
-                       "grad_norm": _to_float(engine.get_global_grad_norm()),
-                       "tokens_per_s": tok_s, "consumed_samples": consumed_samples,
-                       "skipped_steps": skipped_steps}
-            if s.peak_flops:
-                metrics["mfu"] = tok_s * fpt / (s.peak_flops * world)
-            if config.is_moe:
-                metrics["aux_loss"] = _dp_mean(aux_sum / n, dp_group).item()
-                counts = _dp_mean(counts_sum, dp_group)  # (layers, experts) tokens routed
-                metrics["expert_load"] = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).tolist()
-                aux_sum.zero_()
-                counts_sum = None
-            loss_sum.zero_()
-            bad_sum.zero_()
-            iters_since_log = n_loss = 0
-            eta = (now - t_start) / iters_timed * (s.train_iters - it)
-            t_log = time.perf_counter()
-        if s.eval_interval and valid_ds is not None and s.eval_iters and \
-                (it % s.eval_interval == 0 or it == s.train_iters):
-            t0 = time.perf_counter()
-            eval_loss, ppl = evaluate(engine, valid_ds, s, dp_group)
-            metrics = metrics or {"step": it}
-            metrics.update(eval_loss=eval_loss, eval_ppl=ppl)
-            t_log += time.perf_counter() - t0  # eval time is not training throughput
+        metrics, eta = (interval.row(p, lr, engine.get_global_grad_norm()) if is_log_step(p.iteration, s)
+                        else (None, None))
+        metrics = maybe_eval(engine, valid_ds, s, dp_group, p.iteration, metrics, interval)
         if metrics is not None:
-            monitor.log(metrics, eta_s=eta if "loss" in metrics else None)
+            monitor.log(metrics, eta_s=eta)
             last = metrics
-        if s.max_bad_steps and bad_streak >= s.max_bad_steps:
-            latest = os.path.join(s.save_dir, "latest") if s.save_dir else None
-            kept = (f"the last checkpoint is {s.save_dir}/{open(latest).read().strip()}"
-                    if latest and os.path.exists(latest) else "no checkpoint was saved")
-            raise UserError(f"stopped at step {it}: {bad_streak} consecutive steps had a non-finite loss or "
-                            f"gradients (--max-bad-steps {s.max_bad_steps}); {kept}; lower --lr or check the "
-                            f"data, then resume with --load")
-        saved = False
-        if s.save_dir and (s.save_interval and it % s.save_interval == 0 or it == s.train_iters):
-            t0 = time.perf_counter()
-            save(it)
-            saved = True
-            t_log += time.perf_counter() - t0
-        if stop is not None and it < s.train_iters and stop.requested(dev):
+        check_bad_streak(p, s)
+
+        saved = is_save_step(p.iteration, s)
+        if saved:
+            with interval.paused():
+                save()
+        reason = should_stop(p.iteration, s, stop, engine.device)
+        if reason:
             if s.save_dir and not saved:
-                save(it)
-            name = signal.Signals(stop.signum).name if stop.signum else "a stop signal (on another rank)"
-            monitor.print(f"received {name}: stopping at step {it}"
-                          + (f"; resume with --load {s.save_dir}" if s.save_dir else " (no --save: nothing saved)"))
-            break
-        if s.exit_interval and it % s.exit_interval == 0 and it < s.train_iters:
-            if s.save_dir and not (s.save_interval and it % s.save_interval == 0):
-                save(it)
-            monitor.print(f"exiting at step {it} (--exit-interval {s.exit_interval})")
+                save()
+            monitor.print(reason)
             break
     return last
-
-
-def _to_float(x):
-    if x is None:
-        return None
-    x = float(x.item()) if torch.is_tensor(x) else float(x)
-    return x if math.isfinite(x) else None  # a skipped step's norm is NaN/inf: JSON has no such numbers

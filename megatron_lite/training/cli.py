@@ -13,9 +13,21 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint.load import load_weights_into
+from megatron_lite.checkpoint.load import (check_checkpoint_dir, check_resumable, check_same_model,
+                                           load_training_checkpoint, load_weights_into)
+from megatron_lite.checkpoint.save import write_run_files
 from megatron_lite.config import PRESETS, ModelConfig, get_preset, pad_vocab_size
-from megatron_lite.errors import UserError
+from megatron_lite.data.gpt_dataset import build_gpt_datasets, parse_data_path
+from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.sft_dataset import build_sft_datasets, sft_prefixes
+from megatron_lite.data.tokenizer import load_tokenizer
+from megatron_lite.errors import UserError, exit_on_user_error
+from megatron_lite.parallel import ParallelDims, init_distributed
+from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
+from megatron_lite.training.engine import build_engine, build_model
+from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, train
+from megatron_lite.training.monitor import Monitor
+from megatron_lite.training.rng import set_rng_state
 
 REPO = Path(__file__).resolve().parents[2]
 # Dense bf16 peak per device, for MFU; other GPUs: pass --peak-tflops.
@@ -90,14 +102,14 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s of one rank for MFU (default: known GPUs' bf16 peak; CPU: 0.08 x threads)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (fuses RMSNorm/RoPE/SwiGLU elementwise work; pays off after a few "
-                        "hundred steps: benchmarks/train_throughput.py measured +9-22%% on `small` on CPU; the first "
-                        "step compiles for 5-40 s; checkpoints are unchanged)")
+                   help="torch.compile the model (fuses RMSNorm/RoPE/SwiGLU elementwise work; the first steps "
+                        "pay for compiling, so it helps long runs: see benchmarks/results.md; checkpoints are "
+                        "unchanged)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def _check_args(a) -> None:
+def check_args(a) -> None:
     positive = {"--train-iters": a.train_iters, "--seq-length": a.seq_length, "--log-interval": a.log_interval,
                 "--tp": a.tp, "--ep": a.ep}
     for flag, v in positive.items():
@@ -116,32 +128,6 @@ def _check_args(a) -> None:
         raise UserError(f"--load {a.load}: checkpoint folder does not exist")
 
 
-def _check_data(kind: str, data_path: list[str], vocab_size: int) -> None:
-    from megatron_lite.data.gpt_dataset import parse_data_path
-    from megatron_lite.data.indexed_dataset import IndexedDataset
-    from megatron_lite.data.sft_dataset import sft_prefixes
-
-    prefixes, _ = parse_data_path(data_path)
-    for prefix in prefixes:
-        names = sft_prefixes(prefix) if kind == "sft" else (prefix,)
-        for name in names:
-            ds = IndexedDataset(name)
-            if name == names[0]:
-                ds.check_vocab(vocab_size)
-
-
-def _peak_flops(a) -> float | None:
-    if a.peak_tflops:
-        return a.peak_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for k, v in GPU_PEAK_TFLOPS.items():
-            if k in name:
-                return v * 1e12
-        return None
-    return CPU_PEAK_GFLOPS_PER_THREAD * 1e9 * torch.get_num_threads()
-
-
 def model_config(a, tokenizer) -> ModelConfig:
     overrides = {k: v for k, v in dict(num_experts=a.num_experts, topk=a.topk, num_layers=a.num_layers,
                                        hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
@@ -149,23 +135,8 @@ def model_config(a, tokenizer) -> ModelConfig:
     return get_preset(a.model, vocab_size=pad_vocab_size(len(tokenizer)), **overrides)
 
 
-def main(kind: str, argv=None) -> dict:
-    """kind: 'pretrain' or 'sft'. Returns the last logged metrics (rank 0) for tests and scripts."""
-    from megatron_lite.checkpoint.load import (check_checkpoint_dir, check_resumable, check_same_model,
-                                               load_training_checkpoint)
-    from megatron_lite.checkpoint.save import write_run_files
-    from megatron_lite.data.tokenizer import load_tokenizer
-    from megatron_lite.parallel import ParallelDims, init_distributed
-    from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
-    from megatron_lite.training.engine import build_engine, build_model
-    from megatron_lite.training.loop import StopRequest, TrainSettings, train
-    from megatron_lite.training.monitor import Monitor
-    from megatron_lite.training.rng import set_rng_state
-
-    a = build_parser(kind).parse_args(argv)
-    _check_args(a)
-    # Everything a user can get wrong is checked before DeepSpeed is imported and ranks start talking.
-    raw_ds_config = load_ds_config(a.deepspeed)
+def resolve_model(kind: str, a):
+    """(config, tokenizer_dir, tokenizer): SFT takes both from --pretrained, pretraining from the flags."""
     if kind == "sft":
         check_checkpoint_dir(a.pretrained)
         config = ModelConfig.load(a.pretrained)
@@ -179,15 +150,17 @@ def main(kind: str, argv=None) -> dict:
                             f"tokenizer from tools/train_tokenizer.py (ChatML) or add one to its tokenizer_config.json")
         if a.model and get_preset(a.model, vocab_size=config.vocab_size).replace(name=config.name) != config:
             raise UserError(f"--model {a.model} differs from the model in --pretrained {a.pretrained}; drop --model")
-    else:
-        if not a.tokenizer:
-            if not a.load:
-                raise UserError("--tokenizer DIR is required (or --load a checkpoint, which holds one)")
-            a.tokenizer = os.path.join(a.load, "tokenizer")
-        tok_dir = a.tokenizer
-        tokenizer = load_tokenizer(tok_dir)
-        config = model_config(a, tokenizer)
-    num_experts = config.num_experts if config.is_moe else None
+        return config, tok_dir, tokenizer
+    if not a.tokenizer:
+        if not a.load:
+            raise UserError("--tokenizer DIR is required (or --load a checkpoint, which holds one)")
+        a.tokenizer = os.path.join(a.load, "tokenizer")
+    tokenizer = load_tokenizer(a.tokenizer)
+    return model_config(a, tokenizer), a.tokenizer, tokenizer
+
+
+def check_model_fits(a, config: ModelConfig) -> None:
+    """The flags against the model, and --load against both."""
     if a.ep > 1 and not config.is_moe:
         raise UserError(f"--ep {a.ep} needs an MoE model (--num-experts > 0 or --model tiny-moe)")
     if a.seq_length > config.max_seq_len:
@@ -196,8 +169,11 @@ def main(kind: str, argv=None) -> dict:
         check_checkpoint_dir(a.load)
         check_same_model(a.load, config)
 
+
+def plan_parallel(a, config: ModelConfig, raw_ds_config: dict) -> tuple[ParallelDims, dict, TrainSettings]:
+    """Parallel dims from WORLD_SIZE (groups not built yet), the effective ds_config and the loop's settings."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    dims = ParallelDims.from_world(world, tp=a.tp, ep=a.ep, num_experts=num_experts)
+    dims = ParallelDims.from_world(world, tp=a.tp, ep=a.ep, num_experts=config.num_experts if config.is_moe else None)
     ds_config = resolve_ds_config(
         raw_ds_config, dims.dp, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
@@ -209,34 +185,62 @@ def main(kind: str, argv=None) -> dict:
                       seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
                       eval_interval=a.eval_interval, eval_iters=a.eval_iters, save_interval=a.save_interval,
                       save_dir=a.save, exit_interval=a.exit_interval, max_bad_steps=a.max_bad_steps)
-    # Open every dataset now, before DeepSpeed starts: a missing, truncated or corrupt .bin/.idx, or token ids
-    # the tokenizer cannot have produced, is one error line before anything is half-started or printed.
-    _check_data(kind, a.data_path, len(tokenizer))
+    return dims, ds_config, s
 
+
+def check_data(kind: str, data_path: list[str], vocab_size: int) -> None:
+    """Open every dataset: a missing, truncated or corrupt .bin/.idx, or token ids the tokenizer cannot have
+    produced, is one error line before anything is half-started or printed."""
+    prefixes, _ = parse_data_path(data_path)
+    for prefix in prefixes:
+        names = sft_prefixes(prefix) if kind == "sft" else (prefix,)
+        for name in names:
+            ds = IndexedDataset(name)
+            if name == names[0]:
+                ds.check_vocab(vocab_size)
+
+
+def peak_flops(a) -> float | None:
+    if a.peak_tflops:
+        return a.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for k, v in GPU_PEAK_TFLOPS.items():
+            if k in name:
+                return v * 1e12
+        return None
+    return CPU_PEAK_GFLOPS_PER_THREAD * 1e9 * torch.get_num_threads()
+
+
+def start_distributed(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict,
+                      s: TrainSettings) -> tuple[int, int]:
+    """(rank, world): ranks connected, process groups built, the run described once by rank 0."""
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines cost time and bury ours
     rank, world = init_distributed()
-    is_rank0 = rank == 0
     dims.build()
-    s.dp_rank, s.peak_flops = dims.dp_rank, _peak_flops(a)
-    if is_rank0:
+    s.dp_rank, s.peak_flops = dims.dp_rank, peak_flops(a)
+    if rank == 0:
         print(f"{kind}: {config.name} model, {config.num_params() / 1e6:.2f}M params "
               f"({config.num_params(active_only=True) / 1e6:.2f}M active), {dims}, world {world}, "
               f"global batch {s.global_batch} = micro {s.micro_batch_size} x accum {s.grad_accum} x dp {dims.dp}")
         print("effective ds_config: " + json.dumps(ds_config, sort_keys=True))
+    return rank, world
 
-    # Data: enough samples for every step and every evaluation.
+
+def build_datasets(kind: str, a, s: TrainSettings):
+    """(train, valid): enough samples for every step and every evaluation."""
+    build = build_sft_datasets if kind == "sft" else build_gpt_datasets
     n_eval = a.eval_iters * s.global_batch if a.eval_interval else 0
-    if kind == "sft":
-        from megatron_lite.data.sft_dataset import build_sft_datasets as build
-    else:
-        from megatron_lite.data.gpt_dataset import build_gpt_datasets as build
-    train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed,
-                                  (a.train_iters * s.global_batch, n_eval, 0))
+    samples = (a.train_iters * s.global_batch, n_eval, 0)
+    train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed, samples)
     if train_ds is None:
         raise UserError(f"--data-path {' '.join(a.data_path)} with --split {a.split} leaves no training data")
+    return train_ds, valid_ds
 
+
+def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict):
     model = build_model(config, dims, a.seed)
     if kind == "sft" and not a.load:
         # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
@@ -244,33 +248,64 @@ def main(kind: str, argv=None) -> dict:
         load_weights_into(model, a.pretrained)
     if a.compile:
         model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
-    engine = build_engine(model, ds_config, dims)
+    return build_engine(model, ds_config, dims)
 
-    start_iter, consumed, skipped = 0, 0, 0
-    if a.load:
-        client = load_training_checkpoint(engine, a.load, config)
-        start_iter, consumed = int(client["iteration"]), int(client["consumed_samples"])
-        skipped = int(client.get("skipped_steps", 0))
-        set_rng_state(client["rng"])
-        if is_rank0:
-            print(f"resumed from {a.load} at step {start_iter} ({consumed} samples consumed)")
-    elif kind == "sft":
-        if is_rank0:
+
+def resume(kind: str, a, engine, config: ModelConfig, is_rank0: bool) -> Progress:
+    """The --load checkpoint's progress, its state restored into `engine` and the RNGs; else a fresh start."""
+    if not a.load:
+        if kind == "sft" and is_rank0:
             print(f"initialised from pretrained {a.pretrained}")
+        return Progress()
+    client = load_training_checkpoint(engine, a.load, config)
+    progress = Progress(iteration=int(client["iteration"]), consumed_samples=int(client["consumed_samples"]),
+                        skipped_steps=int(client.get("skipped_steps", 0)))
+    set_rng_state(client["rng"])
+    if is_rank0:
+        print(f"resumed from {a.load} at step {progress.iteration} ({progress.consumed_samples} samples consumed)")
+    return progress
 
+
+def open_monitor(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict, tok_dir: str,
+                 world: int, start_iter: int, is_rank0: bool) -> Monitor:
+    """The run files in --save (configs, tokenizer, args) and the monitor that logs into it."""
     run_args = {k: v for k, v in vars(a).items() if k != "local_rank"}
     if a.save:
         write_run_files(a.save, config, tok_dir, ds_config, {"kind": kind, **run_args})
     run_config = {"kind": kind, "model": config.to_dict(), "parallel": {"tp": dims.tp, "ep": dims.ep, "dp": dims.dp,
                   "world": world}, "ds_config": ds_config, "args": run_args}
     wandb_cfg = wandb_settings(ds_config)
-    monitor = Monitor(is_rank0, os.path.join(a.save, "metrics.jsonl") if a.save else None, a.train_iters, start_iter,
-                      wandb_project=a.wandb_project or wandb_cfg.get("project"), wandb_dir=a.save,
-                      run_config=run_config, wandb_name=a.wandb_name)
+    return Monitor(is_rank0, os.path.join(a.save, "metrics.jsonl") if a.save else None, a.train_iters, start_iter,
+                   wandb_project=a.wandb_project or wandb_cfg.get("project"), wandb_dir=a.save,
+                   run_config=run_config, wandb_name=a.wandb_name)
+
+
+def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
+    """kind: 'pretrain' or 'sft'. Returns the last logged metrics (rank 0) for tests and scripts.
+    faults: failures injected by tests (tests/fault_launch.py); None for real runs."""
+    a = build_parser(kind).parse_args(argv)
+    check_args(a)
+    # Everything a user can get wrong is checked before DeepSpeed is imported and ranks start talking.
+    raw_ds_config = load_ds_config(a.deepspeed)
+    config, tok_dir, tokenizer = resolve_model(kind, a)
+    check_model_fits(a, config)
+    dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
+    check_data(kind, a.data_path, len(tokenizer))
+
+    rank, world = start_distributed(kind, a, config, dims, ds_config, s)
+    train_ds, valid_ds = build_datasets(kind, a, s)
+    engine = build_model_and_engine(kind, a, config, dims, ds_config)
+    progress = resume(kind, a, engine, config, rank == 0)
+    monitor = open_monitor(kind, a, config, dims, ds_config, tok_dir, world, progress.iteration, rank == 0)
     try:
         with StopRequest() as stop:  # SIGTERM/SIGINT: save at the current step and exit 0
-            last = train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, start_iter, consumed,
-                         stop=stop, skipped_steps=skipped)
+            return train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, progress, stop, faults)
     finally:
         monitor.close()
-    return last
+
+
+def run_script(kind: str, argv=None, faults: Faults | None = None) -> None:
+    """What launch/{kind}.py runs: main on argv (default sys.argv), a UserError as one
+    `launch/{kind}.py: error: ...` line and exit status 2."""
+    with exit_on_user_error(f"launch/{kind}.py"):
+        main(kind, argv, faults)
