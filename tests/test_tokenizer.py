@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from megatron_lite.data.tokenizer import (CHAT_TEMPLATE, encode_chat, load_tokenizer, normalize_messages,
-                                          render_chat, train_tokenizer)
+from megatron_lite.data.chat_format import CHAT_TEMPLATE, encode_chat, normalize_messages, render_chat
+from megatron_lite.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
 TRAIN = [f"def f{i}(x):\n    return x + {i}  # 你好世界 😀 hello world\n" for i in range(400)]
