@@ -96,7 +96,7 @@ def main():
     conversation = ([{"role": "system", "content": system}] if system.strip() else []) + history
     with st.chat_message("assistant"):
         try:
-            deltas = (ev.text for ev in stream_chat(conversation, tokenizer, model, params, context_limit=context))
+            deltas = (ev.text for ev in stream_chat(model, tokenizer, conversation, params, context_limit=context))
             reply = st.write_stream(deltas)
         except UserError as e:
             st.error(str(e))
