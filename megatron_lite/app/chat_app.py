@@ -67,22 +67,8 @@ def sidebar(args):
     return path.strip(), device, dtype, params, int(context) or None, system
 
 
-def main():
-    st.set_page_config(page_title="megatron_lite chat", page_icon="💬")
-    args = parse_args(sys.argv[1:])
-    path, device, dtype, params, context, system = sidebar(args)
-    if not path:
-        st.info("Enter a checkpoint folder in the sidebar, or start with `-- --load CKPT`.")
-        return
-    try:
-        model, tokenizer = get_model(path, args.tag, device, dtype)
-    except UserError as e:
-        st.error(str(e))
-        return
-    cfg = model.config
-    st.sidebar.caption(f"{'MoE' if cfg.is_moe else 'dense'} · {cfg.num_params() / 1e6:.1f}M params · "
-                       f"context {cfg.max_seq_len}")
-
+def chat_turn(model, tokenizer, params, context: int | None, system: str):
+    """Show the history; on a new message, stream the reply and add both to the history."""
     history = st.session_state.setdefault("messages", [])
     for m in history:
         with st.chat_message(m["role"]):
@@ -103,6 +89,24 @@ def main():
             history.pop()
             return
     history.append({"role": "assistant", "content": reply if isinstance(reply, str) else "".join(map(str, reply))})
+
+
+def main():
+    st.set_page_config(page_title="megatron_lite chat", page_icon="💬")
+    args = parse_args(sys.argv[1:])
+    path, device, dtype, params, context, system = sidebar(args)
+    if not path:
+        st.info("Enter a checkpoint folder in the sidebar, or start with `-- --load CKPT`.")
+        return
+    try:
+        model, tokenizer = get_model(path, args.tag, device, dtype)
+    except UserError as e:
+        st.error(str(e))
+        return
+    cfg = model.config
+    st.sidebar.caption(f"{'MoE' if cfg.is_moe else 'dense'} · {cfg.num_params() / 1e6:.1f}M params · "
+                       f"context {cfg.max_seq_len}")
+    chat_turn(model, tokenizer, params, context, system)
 
 
 main()
