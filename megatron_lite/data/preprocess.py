@@ -244,6 +244,7 @@ class BatchEncoder:
         return EncodedBatch(packed, bad, blank, nbytes, len(batch))
 
     def encode_text_rows(self, rows, bad) -> dict:
+        """{key: token lists} of the rows whose every value encodes; the others go to `bad`."""
         keys = self.settings.keys
         good = []
         for lineno, vals in rows:
@@ -267,6 +268,7 @@ class BatchEncoder:
         return {k: [per_key[k][i] + self.eod for i in keep] for k in keys}
 
     def encode_chat_rows(self, rows, bad) -> dict:
+        """{"text": token lists, "loss_mask": 0/1 lists} of the usable conversations; the others go to `bad`."""
         docs, masks = [], []
         for lineno, (conv,) in rows:
             try:
