@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Preprocessing throughput: our tools/preprocess_data.py vs a megatron-core baseline vs raw tokenizer.
+"""Preprocessing throughput: ours (tools/preprocess_data.py) vs a megatron-core baseline vs raw tokenizer.
 
     python benchmarks/preprocess.py [--mb 20] [--workers 2] [--repeats 3] [--tokenizer DIR]
 
-- ours: tools/preprocess_data.py --workers N --append-eod (batch encoding, bounded in-flight work).
+- ours: `megatron_lite.data.preprocess.preprocess`, as tools/preprocess_data.py --workers N --append-eod
+  runs it (batch encoding, bounded in-flight work).
 - baseline: what Megatron-LM's preprocess_data.py does, with megatron-core's IndexedDatasetBuilder:
   Pool(N).imap over lines (chunksize 32), json.loads + the HF tokenizer called once per document,
   builder.add_document(torch tensor) per document.
@@ -31,16 +32,10 @@ sys.path.insert(0, ROOT)
 # ---------------------------------------------------------------- variants (run in child processes)
 
 def run_ours(inp, tok, out, workers):
-    import importlib.util
+    from megatron_lite.data.preprocess import preprocess
 
-    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools/preprocess_data.py"))
-    pp = importlib.util.module_from_spec(spec)
-    sys.modules["preprocess_data"] = pp
-    spec.loader.exec_module(pp)
-    args = pp.get_args(["--input", inp, "--output-prefix", out, "--tokenizer", tok, "--append-eod",
-                        "--workers", str(workers)])
     t = time.perf_counter()
-    pp.preprocess(args)
+    preprocess(inp, out, tok, append_eod=True, workers=workers)
     return time.perf_counter() - t
 
 

@@ -155,7 +155,7 @@ class Pipeline:
         correct = 0
         for start in range(0, len(items), 16):
             batch = items[start:start + 16]
-            outs = chat([m for m, _ in batch], tok, model, greedy=True, max_new_tokens=8)
+            outs = chat(model, tok, [m for m, _ in batch], greedy=True, max_new_tokens=8)
             correct += sum(o.text.strip() == ans for o, (_, ans) in zip(outs, batch))
         self.timings.append(("SFT exact match", time.perf_counter() - t))
         print(f"exact match: {correct}/{len(items)}")

@@ -29,7 +29,7 @@ def test_message_in_reply_rendered(tmp_path, monkeypatch, moe):
 
     model, tok = load_model(ckpt)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
-    expected = chat([conv], tok, model, max_new_tokens=12, greedy=True)[0].text
+    expected = chat(model, tok, [conv], max_new_tokens=12, greedy=True)[0].text
     assert expected.strip()
     assert at.chat_message[1].markdown[0].value.strip() == expected.strip()
 

@@ -189,9 +189,9 @@ def test_chat_template_and_context_truncation(model):
     text = TOK.decode(ids)
     assert len(ids) <= 60 and text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert text.endswith("<|im_start|>user\nThe quick brown fox<|im_end|>\n<|im_start|>assistant\n")
-    out = chat([conv, conv[:2]], TOK, model, max_new_tokens=8, greedy=True)
+    out = chat(model, TOK, [conv, conv[:2]], max_new_tokens=8, greedy=True)
     assert len(out) == 2 and all(c.prompt_tokens + 8 <= model.config.max_seq_len for c in out)
-    streamed = "".join(e.text for e in stream_chat(conv[:2], TOK, model, max_new_tokens=8, greedy=True))
+    streamed = "".join(e.text for e in stream_chat(model, TOK, conv[:2], max_new_tokens=8, greedy=True))
     assert streamed == out[1].text
 
 

@@ -2,13 +2,15 @@
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_lite.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, best_dtype
+from megatron_lite.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, best_dtype, merge_datasets
 from megatron_lite.errors import UserError
 
 DOCS = [[5, 6, 7], [], [65499, 0], list(range(1000)), [42]]
@@ -76,6 +78,24 @@ def test_merge(tmp_path):
     with pytest.raises(UserError, match="same tokenizer"):
         with IndexedDatasetBuilder(str(tmp_path / "n"), np.uint16) as m:
             m.merge(c)
+
+
+def test_merge_datasets_tool(tmp_path):
+    (tmp_path / "in").mkdir()
+    write(tmp_path / "in" / "b", [[1], [2, 3]])
+    write(tmp_path / "in" / "a")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "tools/merge_datasets.py", "--input", str(tmp_path / "in"),
+                        str(tmp_path / "in" / "b.idx"), "--output-prefix", str(tmp_path / "m")],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    ds = IndexedDataset(str(tmp_path / "m"))  # a directory's datasets in name order, then the named one
+    assert [ds[i].tolist() for i in range(len(ds))] == DOCS + [[1], [2, 3]] * 2
+    with pytest.raises(UserError, match="also an input"):
+        merge_datasets([str(tmp_path / "m")], str(tmp_path / "m"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .idx files"):
+        merge_datasets([str(tmp_path / "empty")], str(tmp_path / "x"))
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])

@@ -1,4 +1,5 @@
-"""tools/preprocess_data.py: exact round trips, bad-line accounting, --strict atomicity, --chat, inputs."""
+"""tools/preprocess_data.py and megatron_lite.data.preprocess: exact round trips, bad-line accounting,
+--strict atomicity, --chat, inputs."""
 import gzip
 import importlib.util
 import json
@@ -9,14 +10,15 @@ import sys
 import numpy as np
 import pytest
 
+from megatron_lite.data.chat_format import encode_chat
 from megatron_lite.data.indexed_dataset import IndexedDataset, read_meta
-from megatron_lite.data.tokenizer import encode_chat, load_tokenizer, train_tokenizer
+from megatron_lite.data.preprocess import BAD_KINDS, TextEncoder
+from megatron_lite.data.tokenizer import load_tokenizer, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools/preprocess_data.py"))
-pp = importlib.util.module_from_spec(_spec)
-sys.modules["preprocess_data"] = pp  # worker processes unpickle its functions by module name
-_spec.loader.exec_module(pp)
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
 
 GOOD = ["hello world", "中文文本，还有标点。", "emoji 😀🦄 mixed 你好", "x" * 3000, "  leading\nand\ttabs  "]
 # (raw line bytes, kind it must be counted as)
@@ -53,20 +55,17 @@ def make_input(path, with_bad=True):
 
 
 def run(args):
-    return pp.main([str(a) for a in args])
+    return tool.main([str(a) for a in args])
 
 
 def test_ascii_texts_skip_nfkc_with_the_same_ids(tok_dir):
     from tokenizers import Tokenizer
     backend = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-    twin = pp._without_unicode_normalizer(backend)
+    encoder = TextEncoder(backend)
+    twin = encoder.ascii_backend
     assert type(backend.normalizer).__name__ == "NFKC" and twin is not None and twin.normalizer is None
     texts = GOOD + ["ﬁne ligature, ＦＵＬＬ width"]  # NFKC changes the last one: it must keep the normalizer
-    pp._W.update(backend=backend, ascii_backend=twin)
-    try:
-        ids, rejected = pp._encode_texts(texts + ["lone \ud800"])
-    finally:
-        pp._W.clear()
+    ids, rejected = encoder.encode(texts + ["lone \ud800"])
     assert ids[:-1] == [backend.encode(t, add_special_tokens=False).ids for t in texts] and rejected == [len(texts)]
     assert twin.encode("ﬁne", add_special_tokens=False).ids != backend.encode("ﬁne", add_special_tokens=False).ids
 
@@ -114,7 +113,7 @@ def test_strict_one_line_error_and_no_files(tmp_path, tok_dir, raw, kind, capsys
              "--batch-size", 2])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("preprocess_data.py: error: ") and f"in.jsonl:4: line {pp.BAD_KINDS[kind]}" in err[-1]
+    assert err[-1].startswith("preprocess_data.py: error: ") and f"in.jsonl:4: line {BAD_KINDS[kind]}" in err[-1]
     assert os.listdir(out) == []  # no partial or temporary files
 
 

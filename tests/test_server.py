@@ -61,7 +61,7 @@ def test_models_endpoint(server):
 def test_chat_completion_matches_library(server):
     url, model, tok = server
     r = client(url).chat.completions.create(model="tiny-moe", messages=MESSAGES, max_tokens=12, temperature=0)
-    expected = chat([MESSAGES], tok, model, max_new_tokens=12, greedy=True)[0]
+    expected = chat(model, tok, [MESSAGES], max_new_tokens=12, greedy=True)[0]
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected.text and r.choices[0].finish_reason == expected.finish_reason
     assert r.usage.prompt_tokens == expected.prompt_tokens and r.usage.completion_tokens == expected.completion_tokens

@@ -1,17 +1,16 @@
 """SFT dataset: labels only on assistant tokens, padding/truncation, prefix forms, determinism."""
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from megatron_lite.data.chat_format import encode_chat
+from megatron_lite.data.preprocess import preprocess
 from megatron_lite.data.sft_dataset import IGNORE_INDEX, build_sft_datasets
-from megatron_lite.data.tokenizer import encode_chat, load_tokenizer, train_tokenizer
+from megatron_lite.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVS = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": str(2 * i)}]
          for i in range(30)]
 CONVS[0] = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Capital of France?"},
@@ -24,11 +23,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     train_tokenizer(iter([json.dumps(c) for c in CONVS] * 5), 400, str(d / "tok"))
     (d / "chat.jsonl").write_text("\n".join(json.dumps({"conversations": c}) for c in CONVS) + "\n")
-    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools/preprocess_data.py"))
-    pp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pp)
-    pp.main(["--input", str(d / "chat.jsonl"), "--output-prefix", str(d / "s"), "--tokenizer", str(d / "tok"),
-             "--chat"])
+    preprocess(str(d / "chat.jsonl"), str(d / "s"), str(d / "tok"), chat=True)
     return d, load_tokenizer(str(d / "tok"))
 
 

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from megatron_lite.data.tokenizer import (CHAT_TEMPLATE, encode_chat, load_tokenizer, normalize_messages,
-                                          render_chat, train_tokenizer)
+from megatron_lite.data.chat_format import CHAT_TEMPLATE, MessageError, encode_chat, normalize_messages, render_chat
+from megatron_lite.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
 TRAIN = [f"def f{i}(x):\n    return x + {i}  # 你好世界 😀 hello world\n" for i in range(400)]
@@ -81,6 +81,20 @@ def test_sharegpt_form_and_bad_conversations(tok):
     for bad in ([], "hi", [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 3}]):
         with pytest.raises(ValueError):
             encode_chat(tok, bad)
+
+
+def test_message_validation_accepts_both_spellings_and_names_the_bad_field():
+    turns = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]
+    assert normalize_messages(turns) == [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for bad, param in (([], "messages"), ("hi", "messages"), ([["user", "x"]], "messages[0].role"),
+                       ([{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}], "messages[1].role"),
+                       ([{"role": "user", "content": None}], "messages[0].content"),
+                       ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content")):
+        with pytest.raises(MessageError) as e:
+            normalize_messages(bad)
+        assert e.value.param == param and param.split(".")[0] in str(e.value)
 
 
 def test_generation_prompt_is_unmasked(tok):

@@ -6,15 +6,13 @@
 Add --chat to wrap the prompt in the chat template as one user turn, --stream to print while generating.
 """
 import argparse
-import contextlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.errors import exit_on_user_error  # noqa: E402
-from megatron_lite.inference.cli import (add_model_args, add_sampling_args, load_for_inference,  # noqa: E402
-                                         sampling_params)
+from megatron_lite.inference.cli import add_model_args, add_sampling_args, run_generate  # noqa: E402
 
 
 def main(argv=None):
@@ -26,22 +24,7 @@ def main(argv=None):
     add_sampling_args(ap)
     args = ap.parse_args(argv)
     with exit_on_user_error("generate"):
-        from megatron_lite.inference.chat import build_prompt, prompt_budget
-        from megatron_lite.inference.generate import stream
-
-        params = sampling_params(args)
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; keep stdout clean
-            model, tokenizer = load_for_inference(args)
-        prompt = args.prompt
-        if args.chat:
-            prompt = build_prompt(tokenizer, [{"role": "user", "content": prompt}],
-                                  prompt_budget(model, params, None))
-        for event in stream(model, tokenizer, prompt, params):
-            if args.stream:
-                print(event.text, end="", flush=True)
-            elif event.completion is not None:
-                print(event.completion.text, end="")
-        print()
+        run_generate(args)
 
 
 if __name__ == "__main__":

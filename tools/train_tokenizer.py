@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
+from megatron_lite.errors import exit_on_user_error  # noqa: E402
 
 
 def main(argv=None):
@@ -32,36 +32,11 @@ def main(argv=None):
                         "with metaspace and byte fallback")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
     args = p.parse_args(argv)
-
     with exit_on_user_error("train_tokenizer.py"):
-        from tqdm import tqdm
+        from megatron_lite.data.tokenizer import train_tokenizer_from_jsonl
 
-        from megatron_lite.data.tokenizer import iter_jsonl_texts, train_tokenizer
-
-        for f in args.input:
-            if not os.path.isfile(f):
-                raise UserError(f"--input {f!r} does not exist; pass a JSONL file with a "
-                                f"{args.json_keys[0]!r} field per line")
-        total = sum(os.path.getsize(f) for f in args.input)
-
-        def texts():
-            # Progress in bytes of text seen; the trainer consumes this generator lazily.
-            with tqdm(total=total, unit="B", unit_scale=True, desc="reading", file=sys.stderr,
-                      disable=None) as bar:
-                n = 0
-                for f in args.input:
-                    for t in iter_jsonl_texts(f, args.json_keys):
-                        n += 1
-                        bar.update(len(t.encode("utf-8", "replace")))
-                        yield t
-                if n == 0:
-                    raise UserError(f"no text found under --json-keys {' '.join(args.json_keys)} in "
-                                    f"{' '.join(args.input)}")
-
-        tok = train_tokenizer(texts(), args.vocab_size, args.output_dir, kind=args.type,
-                              min_frequency=args.min_frequency)
-        print(f"train_tokenizer: saved {args.type} tokenizer with {len(tok)} tokens to {args.output_dir}",
-              file=sys.stderr)
+        train_tokenizer_from_jsonl(args.input, args.json_keys, args.vocab_size, args.output_dir, kind=args.type,
+                                   min_frequency=args.min_frequency)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,30 @@ def sidebar(args):
     return path.strip(), device, dtype, params, int(context) or None, system
 
 
+def chat_turn(model, tokenizer, params, context: int | None, system: str):
+    """Show the history; on a new message, stream the reply and add both to the history."""
+    history = st.session_state.setdefault("messages", [])
+    for m in history:
+        with st.chat_message(m["role"]):
+            st.markdown(m["content"])
+    prompt = st.chat_input("Message")
+    if not prompt:
+        return
+    history.append({"role": "user", "content": prompt})
+    with st.chat_message("user"):
+        st.markdown(prompt)
+    conversation = ([{"role": "system", "content": system}] if system.strip() else []) + history
+    with st.chat_message("assistant"):
+        try:
+            deltas = (ev.text for ev in stream_chat(model, tokenizer, conversation, params, context_limit=context))
+            reply = st.write_stream(deltas)
+        except UserError as e:
+            st.error(str(e))
+            history.pop()
+            return
+    history.append({"role": "assistant", "content": reply if isinstance(reply, str) else "".join(map(str, reply))})
+
+
 def main():
     st.set_page_config(page_title="megatron_lite chat", page_icon="💬")
     args = parse_args(sys.argv[1:])
@@ -82,27 +106,7 @@ def main():
     cfg = model.config
     st.sidebar.caption(f"{'MoE' if cfg.is_moe else 'dense'} · {cfg.num_params() / 1e6:.1f}M params · "
                        f"context {cfg.max_seq_len}")
-
-    history = st.session_state.setdefault("messages", [])
-    for m in history:
-        with st.chat_message(m["role"]):
-            st.markdown(m["content"])
-    prompt = st.chat_input("Message")
-    if not prompt:
-        return
-    history.append({"role": "user", "content": prompt})
-    with st.chat_message("user"):
-        st.markdown(prompt)
-    conversation = ([{"role": "system", "content": system}] if system.strip() else []) + history
-    with st.chat_message("assistant"):
-        try:
-            deltas = (ev.text for ev in stream_chat(conversation, tokenizer, model, params, context_limit=context))
-            reply = st.write_stream(deltas)
-        except UserError as e:
-            st.error(str(e))
-            history.pop()
-            return
-    history.append({"role": "assistant", "content": reply if isinstance(reply, str) else "".join(map(str, reply))})
+    chat_turn(model, tokenizer, params, context, system)
 
 
 main()

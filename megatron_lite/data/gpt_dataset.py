@@ -171,7 +171,7 @@ def blend_indices(weights: list[float], n: int) -> tuple[np.ndarray, np.ndarray]
     Returns (dataset index, index within that dataset) for samples 0..n-1. Greedy and prefix-stable:
     the first k entries are the same for every n >= k.
     """
-    # Plain Python lists: ~5x faster than per-sample numpy calls for a handful of datasets.
+    # Plain Python lists: for a handful of datasets they beat per-sample numpy calls by far.
     w = [float(x) for x in weights]
     counts = [0] * len(w)
     which, within = [0] * n, [0] * n
@@ -194,7 +194,7 @@ class BlendedDataset(torch.utils.data.Dataset):
         return self.datasets[int(self.which[i])][int(self.within[i])]
 
 
-def _blend(builders, weights, n: int):
+def blend_datasets(builders, weights, n: int):
     """builders[d](num_samples) -> dataset; None when n == 0 or every part is empty."""
     if n <= 0:
         return None
@@ -231,5 +231,5 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
         ws = [w for _, _, w in live]
         builders = [(lambda n, ds=ds, r=r: GPTDataset(ds, r[0], r[1], n, seq_length, seed, name))
                     for ds, r, _ in live]
-        out.append(_blend(builders, [w / sum(ws) for w in ws], num_samples[s]))
+        out.append(blend_datasets(builders, [w / sum(ws) for w in ws], num_samples[s]))
     return tuple(out)

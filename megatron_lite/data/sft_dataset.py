@@ -6,7 +6,7 @@ Reads the aligned pair written by `tools/preprocess_data.py --chat --output-pref
 `--data-path` may name either `P_text_document` or `P`; blends work as for pretraining.
 
 Item j: input_ids = tokens[0:L] (padded with the tokenizer's pad id), labels[t] = tokens[t+1] where
-the mask of tokens[t+1] is 1, else -100 (user/system turns, role headers, padding).
+the mask of tokens[t+1] is 1, else IGNORE_INDEX (user/system turns, role headers, padding).
 
 Order: epoch e visits the split's conversations in a permutation seeded by (seed, e), so sample i is
 a pure function of (seed, i) however many samples are requested.
@@ -16,11 +16,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_lite.data.gpt_dataset import _blend, parse_data_path, parse_split, split_ranges
+from megatron_lite.data.gpt_dataset import blend_datasets, parse_data_path, parse_split, split_ranges
 from megatron_lite.data.indexed_dataset import IndexedDataset, read_meta
 from megatron_lite.errors import UserError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label cross-entropy skips (PyTorch's default ignore_index)
 
 
 def sft_prefixes(prefix: str) -> tuple[str, str]:
@@ -114,5 +114,5 @@ def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: 
         ws = [w for _, w in live]
         builders = [(lambda n, a=args: SFTDataset(a[0], a[1], a[2], a[3], n, seq_length, seed, a[4]))
                     for args, _ in live]
-        out.append(_blend(builders, [w / sum(ws) for w in ws], num_samples[s]))
+        out.append(blend_datasets(builders, [w / sum(ws) for w in ws], num_samples[s]))
     return tuple(out)

@@ -1,4 +1,4 @@
-"""Tokenizer training and loading, and the ChatML conversation encoding used by SFT and chat.
+"""Tokenizer training and loading (the chat format itself lives in `chat_format.py`).
 
 Two tokenizer types, both trained with HF `tokenizers` and saved as a `PreTrainedTokenizerFast`
 (so `transformers.AutoTokenizer.from_pretrained(dir)` loads them with no remote code):
@@ -17,29 +17,11 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator
 
+from megatron_lite.data.chat_format import CHAT_TEMPLATE, IM_END, IM_START
 from megatron_lite.errors import UserError
 
-UNK, IM_START, IM_END = "<unk>", "<|im_start|>", "<|im_end|>"
+UNK = "<unk>"
 SPECIAL_TOKENS = [UNK, IM_START, IM_END]
-
-# ChatML. The assistant content and its <|im_end|> sit inside {% generation %} so transformers'
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the tokens we train on.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- generation -%}{{ message['content'] + '<|im_end|>' }}{%- endgeneration -%}"
-    "{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-
-# ShareGPT/Belle speaker names -> OpenAI roles.
-_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                 "bot": "assistant", "system": "system"}
 
 
 def _build_backend(kind: str):
@@ -137,7 +119,7 @@ def load_tokenizer(path: str):
 def load_backend(path: str):
     """(bare `tokenizers.Tokenizer`, {"vocab_size", "eos_id", "pad_id"}) without importing transformers.
 
-    For tools that only encode (preprocessing): transformers' import alone costs seconds.
+    For tools that only encode (preprocessing), which should not pay for importing transformers.
     """
     import json
 
@@ -185,67 +167,31 @@ def iter_jsonl_texts(path: str, keys: list[str]) -> Iterator[str]:
                         yield obj[k]
 
 
-# ---------------------------------------------------------------- chat encoding
+def train_tokenizer_from_jsonl(paths: list[str], json_keys: list[str], vocab_size: int, output_dir: str,
+                               kind: str = "bpe", min_frequency: int = 2):
+    """tools/train_tokenizer.py: train on the `json_keys` strings of JSONL files, with a progress bar."""
+    import sys
 
-def normalize_messages(conversation) -> list[dict]:
-    """Accept OpenAI (`role`/`content`) or ShareGPT/Belle (`from`/`value`) turns; return OpenAI form.
+    from tqdm import tqdm
 
-    Raises ValueError (not UserError: callers decide whether a bad conversation is fatal).
-    """
-    if not isinstance(conversation, list) or not conversation:
-        raise ValueError("conversation must be a non-empty list of turns")
-    out = []
-    for turn in conversation:
-        if not isinstance(turn, dict):
-            raise ValueError("each turn must be an object")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if role not in _ROLE_ALIASES:
-            raise ValueError(f"unknown role {role!r}")
-        if not isinstance(content, str):
-            raise ValueError("turn content must be a string")
-        out.append({"role": _ROLE_ALIASES[role], "content": content})
-    return out
+    for f in paths:
+        if not os.path.isfile(f):
+            raise UserError(f"--input {f!r} does not exist; pass a JSONL file with a "
+                            f"{json_keys[0]!r} field per line")
+    total = sum(os.path.getsize(f) for f in paths)
 
+    def texts():
+        # Progress in bytes of text seen; the trainer consumes this generator lazily.
+        with tqdm(total=total, unit="B", unit_scale=True, desc="reading", file=sys.stderr, disable=None) as bar:
+            n = 0
+            for f in paths:
+                for t in iter_jsonl_texts(f, json_keys):
+                    n += 1
+                    bar.update(len(t.encode("utf-8", "replace")))
+                    yield t
+            if n == 0:
+                raise UserError(f"no text found under --json-keys {' '.join(json_keys)} in {' '.join(paths)}")
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = False):
-    """ChatML text plus the character spans that are trained on (assistant content + <|im_end|>).
-
-    Mirrors CHAT_TEMPLATE exactly (tests check both render the same string).
-    """
-    parts, spans, pos = [], [], 0
-    for m in messages:
-        head = f"{IM_START}{m['role']}\n"
-        if m["role"] == "assistant":
-            body = m["content"] + IM_END
-            spans.append((pos + len(head), pos + len(head) + len(body)))
-            piece = head + body + "\n"
-        else:
-            piece = head + m["content"] + IM_END + "\n"
-        parts.append(piece)
-        pos += len(piece)
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts), spans
-
-
-def encode_chat(tokenizer, messages, add_generation_prompt: bool = False):
-    """Token ids of a conversation and a same-length 0/1 loss mask.
-
-    The mask is 1 exactly on assistant content tokens and their <|im_end|> — the tokens the model must
-    learn to produce. It is derived from character offsets of one tokenisation of the whole rendered
-    text, so it is right for any tokenizer, whatever it does at segment boundaries.
-    """
-    messages = normalize_messages(messages)
-    text, spans = render_chat(messages, add_generation_prompt)
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # HF wrapper or bare `tokenizers`
-    enc = backend.encode(text, add_special_tokens=False)
-    ids = list(enc.ids)
-    mask = [0] * len(ids)
-    si = 0
-    for t, (start, _end) in enumerate(enc.offsets):
-        while si < len(spans) and start >= spans[si][1]:
-            si += 1
-        if si < len(spans) and spans[si][0] <= start < spans[si][1]:
-            mask[t] = 1
-    return ids, mask
+    tok = train_tokenizer(texts(), vocab_size, output_dir, kind=kind, min_frequency=min_frequency)
+    print(f"train_tokenizer: saved {kind} tokenizer with {len(tok)} tokens to {output_dir}", file=sys.stderr)
+    return tok

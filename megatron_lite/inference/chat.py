@@ -6,38 +6,30 @@ system message is kept), then, if one turn alone is still too long, its oldest t
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Sequence
 
+from megatron_lite.data.chat_format import CHAT_TEMPLATE, MessageError, normalize_messages
 from megatron_lite.errors import UserError
-from megatron_lite.inference.generate import Completion, SamplingParams, StreamEvent, _params, generate, stream
-
-ROLES = ("system", "user", "assistant")
+from megatron_lite.inference.generate import Completion, SamplingParams, StreamEvent, generate, stream
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation rendered by the tokenizer's template, with the assistant header."""
     if getattr(tokenizer, "chat_template", None) is None:
-        from megatron_lite.data.tokenizer import CHAT_TEMPLATE
         tokenizer.chat_template = CHAT_TEMPLATE  # HF folders without a template: fall back to our ChatML
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def check_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError("messages must be a non-empty list")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise UserError(f"each message needs a role in {ROLES} and a string content, got {str(m)[:80]}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
 
 
 def build_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
     """Token ids of the chat prompt, at most `max_prompt_tokens` long (oldest turns dropped first)."""
     if max_prompt_tokens < 1:
         raise UserError("no room left for the prompt: lower max_new_tokens or raise the context limit")
-    messages = check_messages(messages)
+    try:
+        messages = normalize_messages(messages)
+    except MessageError as e:
+        raise UserError(str(e)) from None
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     while True:
@@ -54,18 +46,23 @@ def prompt_budget(model, params: SamplingParams, context_limit: int | None) -> i
     return limit - min(params.max_new_tokens, limit // 2)
 
 
-def chat(conversations: Sequence[list[dict]], tokenizer, model, params: SamplingParams | None = None,
+def _sampling(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    """`params` with keyword overrides applied (as `generate` takes them), checked."""
+    return dataclasses.replace(params or SamplingParams(), **overrides).validate()
+
+
+def chat(model, tokenizer, conversations: Sequence[list[dict]], params: SamplingParams | None = None,
          context_limit: int | None = None, **overrides) -> list[Completion]:
     """Answer a batch of conversations (OpenAI-style message lists) in one batched generation."""
-    p = _params(params, overrides)
+    p = _sampling(params, overrides)
     budget = prompt_budget(model, p, context_limit)
     prompts = [build_prompt(tokenizer, conv, budget) for conv in conversations]
     return generate(model, tokenizer, prompts, p)
 
 
-def stream_chat(messages: list[dict], tokenizer, model, params: SamplingParams | None = None,
+def stream_chat(model, tokenizer, messages: list[dict], params: SamplingParams | None = None,
                 context_limit: int | None = None, **overrides) -> Iterator[StreamEvent]:
     """Stream the assistant's reply to one conversation."""
-    p = _params(params, overrides)
+    p = _sampling(params, overrides)
     ids = build_prompt(tokenizer, messages, prompt_budget(model, p, context_limit))
     return stream(model, tokenizer, ids, p)

@@ -1,7 +1,13 @@
-"""Command-line flags shared by tools/generate.py, tools/chat.py and tools/serve.py."""
+"""The command-line front ends of tools/generate.py, tools/chat.py and tools/serve.py: their shared flags and
+what each does with its parsed arguments."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
+
+from megatron_lite.errors import UserError
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 128, temperature: float = 1.0):
@@ -23,8 +29,8 @@ def add_model_args(ap: argparse.ArgumentParser):
                     help="compute dtype (default float32; use bfloat16 on GPU)")
     ap.add_argument("--compile", action="store_true",
                     help="run each decode step as one torch.compile'd graph: faster steady-state decoding "
-                         "(on CPU, batch 1 and 8: tiny 1.6-1.9x the eager path, tiny-moe 1.4-2.1x) "
-                         "after a one-off compile per batch size and cache bucket (tens of seconds on CPU)")
+                         "(benchmarks/results.md) after a one-off compile per batch size and cache bucket, "
+                         "which is slow on CPU")
 
 
 def load_for_inference(args):
@@ -32,9 +38,10 @@ def load_for_inference(args):
     from megatron_lite.inference.loading import load_model
     from megatron_lite.inference.generate import compile_decoder
 
-    model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
-    if args.compile:
-        compile_decoder(model)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; keep stdout clean
+        model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
+        if args.compile:
+            compile_decoder(model)
     return model, tokenizer
 
 
@@ -43,3 +50,78 @@ def sampling_params(args):
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
                           stop=tuple(args.stop), seed=args.seed).validate()
+
+
+def run_generate(args):
+    """tools/generate.py: print the completion of --prompt (as it is generated with --stream)."""
+    from megatron_lite.inference.chat import build_prompt, prompt_budget
+    from megatron_lite.inference.generate import stream
+
+    params = sampling_params(args)
+    model, tokenizer = load_for_inference(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = build_prompt(tokenizer, [{"role": "user", "content": prompt}], prompt_budget(model, params, None))
+    for event in stream(model, tokenizer, prompt, params):
+        if args.stream:
+            print(event.text, end="", flush=True)
+        elif event.completion is not None:
+            print(event.completion.text, end="")
+    print()
+
+
+def run_chat(args):
+    """tools/chat.py: a multi-turn chat at the terminal; /clear forgets the conversation, /exit quits."""
+    from megatron_lite.inference.chat import stream_chat
+
+    params = sampling_params(args)
+    model, tokenizer = load_for_inference(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    print("megatron_lite chat — /clear to reset, /exit or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/clear":
+            history = list(system)
+            continue
+        if not command:
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        try:
+            for event in stream_chat(model, tokenizer, history, params, context_limit=args.context_limit):
+                reply += event.text
+                print(event.text, end="", flush=True)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            pass
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def run_server(args):
+    """tools/serve.py: check the limits flags, load the model and serve it until interrupted."""
+    from megatron_lite.inference.server import Limits, serve
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a TCP port")
+    model, tokenizer = load_for_inference(args)
+    limit = args.max_tokens_limit or model.config.max_seq_len
+    for flag, v in (("--max-tokens-limit", limit), ("--max-body-bytes", args.max_body_bytes),
+                    ("--timeout", args.timeout), ("--max-concurrency", args.max_concurrency),
+                    ("--max-prompt-tokens", args.max_prompt_tokens or 1)):
+        if v <= 0:
+            raise UserError(f"{flag} must be > 0, got {v}")
+    limits = Limits(max_tokens=limit, default_max_tokens=min(args.default_max_tokens, limit),
+                    max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                    queue_timeout_s=args.timeout, max_concurrency=args.max_concurrency)
+    name = args.model_name or os.path.basename(os.path.normpath(args.load))
+    print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(model, tokenizer, args.host, args.port, name, limits, args.log_level)

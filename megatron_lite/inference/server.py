@@ -18,15 +18,17 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from megatron_lite.data.chat_format import MessageError, normalize_messages
 from megatron_lite.errors import UserError
 from megatron_lite.inference.chat import chat_prompt_ids
-from megatron_lite.inference.generate import SamplingParams, generate, stream
+from megatron_lite.inference.generate import Completion, SamplingParams, StreamEvent, generate, stream
 
 
 @dataclass
@@ -92,35 +94,169 @@ def sampling_from_body(body: dict, limits: Limits) -> SamplingParams:
 
 
 def messages_from_body(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if messages is None:
+    if body.get("messages") is None:
         raise ApiError("'messages' is required", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("'messages' must be a non-empty array", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(f"messages[{i}].content parts must be text", f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(f"messages[{i}].content must be a string", f"messages[{i}].content")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return out
+    try:
+        return normalize_messages(body["messages"])
+    except MessageError as e:
+        raise ApiError(str(e), e.param) from None
+
+
+def prompt_from_body(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError("'prompt' is required and must be a string", "prompt")
+    return prompt
+
+
+def _body_too_large(limits: Limits) -> ApiError:
+    return ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
+
+
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limits.max_body_bytes:
+            raise _body_too_large(limits)
+    return raw
+
+
+async def read_json(request: Request, limits: Limits) -> dict:
+    """The request's JSON object body: 413 when too large, 408 when too slow, 400 when not a JSON object."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+        raise _body_too_large(limits)
+    try:
+        raw = await asyncio.wait_for(_read_body(request, limits), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(f"request body not received within {limits.body_timeout_s:g} s", status=408,
+                       code="timeout") from None
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack: not a 500
+        raise ApiError("request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError("request body must be a JSON object")
+    return body
+
+
+# ---------------------------------------------------------------- the model, one request at a time
+
+class ModelRunner:
+    """Prompts checked against the context window, and generations run one at a time under a lock."""
+
+    def __init__(self, model, tokenizer, limits: Limits):
+        self.model, self.tokenizer, self.limits = model, tokenizer, limits
+        self.max_prompt = limits.max_prompt_tokens or model.config.max_seq_len - 1
+        self.lock = asyncio.Lock()
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        try:
+            ids = chat_prompt_ids(self.tokenizer, messages)
+        except Exception as e:  # a template that rejects this conversation (e.g. role order)
+            raise ApiError(f"cannot apply the chat template: {e}", "messages") from None
+        return self._checked(ids, "messages")
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self._checked(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], "prompt")
+
+    def _checked(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise ApiError("prompt is empty", param)
+        if len(ids) > self.max_prompt:
+            raise ApiError(f"prompt is {len(ids)} tokens; this model takes at most {self.max_prompt}", param,
+                           code="context_length_exceeded")
+        return ids
+
+    async def complete(self, ids: list[int], params: SamplingParams) -> Completion:
+        # Requests queue for the one model; a queue that does not move within the timeout gets a clear 503
+        # instead of a client-side timeout with no answer.
+        try:
+            await asyncio.wait_for(self.lock.acquire(), self.limits.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(f"server busy: no slot within {self.limits.queue_timeout_s:g} s; retry later",
+                           status=503, code="server_busy", kind="server_error") from None
+        try:
+            return (await asyncio.to_thread(generate, self.model, self.tokenizer, [ids], params))[0]
+        finally:
+            self.lock.release()
+
+    async def stream_events(self, ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """StreamEvents generated step by step in a worker thread under the lock."""
+        end = object()
+        async with self.lock:
+            it = stream(self.model, self.tokenizer, ids, params)
+            while (event := await asyncio.to_thread(next, it, end)) is not end:
+                yield event
+
+
+# ---------------------------------------------------------------- responses
+
+def response_head(id_prefix: str, kind: str, body: dict, model_name: str) -> dict:
+    return {"id": f"{id_prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": body.get("model") or model_name}
+
+
+def usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream")
+
+
+def chat_completion(head: dict, c: Completion) -> dict:
+    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                 "finish_reason": c.finish_reason, "logprobs": None}],
+            "usage": usage(c)}
+
+
+async def chat_completion_chunks(head: dict, events: AsyncIterator[StreamEvent],
+                                 include_usage: bool) -> AsyncIterator[str]:
+    """SSE lines: the assistant role, content deltas, the finish reason, usage when asked, [DONE]."""
+    head = {**head, "object": "chat.completion.chunk"}
+    yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]})
+    async for ev in events:
+        if ev.text:
+            yield sse({**head, "choices": [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None}]})
+        if ev.finish_reason:
+            yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]})
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(ev.completion)})
+    yield SSE_DONE
+
+
+def text_completion(head: dict, c: Completion) -> dict:
+    return {**head, "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+                                 "logprobs": None}], "usage": usage(c)}
+
+
+async def text_completion_chunks(head: dict, events: AsyncIterator[StreamEvent]) -> AsyncIterator[str]:
+    async for ev in events:
+        if ev.text or ev.finish_reason:
+            yield sse({**head, "choices": [{"index": 0, "text": ev.text, "logprobs": None,
+                                            "finish_reason": ev.finish_reason}]})
+    yield SSE_DONE
 
 
 # ---------------------------------------------------------------- app
 
-def create_app(model, tokenizer, model_name: str = "megatron-lite", limits: Limits | None = None):
-    limits = limits or Limits()
-    max_prompt = limits.max_prompt_tokens or model.config.max_seq_len - 1
-    app = FastAPI(title="megatron_lite", docs_url=None, redoc_url=None)
-    lock = asyncio.Lock()
-    created = int(time.time())
+def add_error_handlers(app: FastAPI):
+    """Every error, ours or the framework's, in OpenAI's error shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, e: ApiError):
@@ -140,70 +276,13 @@ def create_app(model, tokenizer, model_name: str = "megatron-lite", limits: Limi
     async def _validation_error(_req, e):
         return JSONResponse(error_body(ApiError(str(e.errors()[:1]))), status_code=400)
 
-    async def read_body(request: Request) -> bytes:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limits.max_body_bytes:
-                raise ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
-        return raw
 
-    async def read_json(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            raise ApiError(f"request body over {limits.max_body_bytes} bytes", status=413, code="body_too_large")
-        try:
-            raw = await asyncio.wait_for(read_body(request), limits.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(f"request body not received within {limits.body_timeout_s:g} s", status=408,
-                           code="timeout") from None
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(f"request body is not valid JSON: {e}") from None
-        except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack: not a 500
-            raise ApiError("request body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise ApiError("request body must be a JSON object")
-        return body
-
-    def check_prompt(ids: list[int], param: str):
-        if not ids:
-            raise ApiError("prompt is empty", param)
-        if len(ids) > max_prompt:
-            raise ApiError(f"prompt is {len(ids)} tokens; this model takes at most {max_prompt}", param,
-                           code="context_length_exceeded")
-
-    async def acquire():
-        # Requests queue for the one model; a queue that does not move within the timeout gets a clear 503
-        # instead of a client-side timeout with no answer.
-        try:
-            await asyncio.wait_for(lock.acquire(), limits.queue_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(f"server busy: no slot within {limits.queue_timeout_s:g} s; retry later", status=503,
-                           code="server_busy", kind="server_error") from None
-
-    async def run_all(ids, params):
-        await acquire()
-        try:
-            return (await asyncio.to_thread(generate, model, tokenizer, [ids], params))[0]
-        finally:
-            lock.release()
-
-    async def run_stream(ids, params):
-        """Async iterator of StreamEvents, generated step by step in a worker thread under the lock."""
-        end = object()
-        async with lock:
-            it = stream(model, tokenizer, ids, params)
-            while (event := await asyncio.to_thread(next, it, end)) is not end:
-                yield event
-
-    def usage(c):
-        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "total_tokens": c.prompt_tokens + c.completion_tokens}
-
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def create_app(model, tokenizer, model_name: str = "megatron-lite", limits: Limits | None = None):
+    limits = limits or Limits()
+    runner = ModelRunner(model, tokenizer, limits)
+    created = int(time.time())
+    app = FastAPI(title="megatron_lite", docs_url=None, redoc_url=None)
+    add_error_handlers(app)
 
     @app.get("/v1/models")
     async def models():
@@ -216,66 +295,26 @@ def create_app(model, tokenizer, model_name: str = "megatron-lite", limits: Limi
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, limits)
         messages = messages_from_body(body)
         params = sampling_from_body(body, limits)
-        try:
-            ids = chat_prompt_ids(tokenizer, messages)
-        except Exception as e:  # a template that rejects this conversation (e.g. role order)
-            raise ApiError(f"cannot apply the chat template: {e}", "messages") from None
-        check_prompt(ids, "messages")
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        name = body.get("model") or model_name
+        ids = runner.chat_prompt(messages)
+        head = response_head("chatcmpl", "chat.completion", body, model_name)
         if not body.get("stream"):
-            c = await run_all(ids, params)
-            return {"id": rid, "object": "chat.completion", "created": now, "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                                 "finish_reason": c.finish_reason, "logprobs": None}],
-                    "usage": usage(c)}
+            return chat_completion(head, await runner.complete(ids, params))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        async def events():
-            head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name}
-            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]})
-            async for ev in run_stream(ids, params):
-                if ev.text:
-                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None}]})
-                if ev.finish_reason:
-                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]})
-                    if include_usage:
-                        yield sse({**head, "choices": [], "usage": usage(ev.completion)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return event_stream(chat_completion_chunks(head, runner.stream_events(ids, params), include_usage))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError("'prompt' is required and must be a string", "prompt")
+        body = await read_json(request, limits)
+        prompt = prompt_from_body(body)
         params = sampling_from_body({"max_tokens": 16, **body}, limits)
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        check_prompt(ids, "prompt")
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        name = body.get("model") or model_name
-        head = {"id": rid, "object": "text_completion", "created": now, "model": name}
+        ids = runner.text_prompt(prompt)
+        head = response_head("cmpl", "text_completion", body, model_name)
         if not body.get("stream"):
-            c = await run_all(ids, params)
-            return {**head, "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
-                                         "logprobs": None}], "usage": usage(c)}
-
-        async def events():
-            async for ev in run_stream(ids, params):
-                if ev.text or ev.finish_reason:
-                    yield sse({**head, "choices": [{"index": 0, "text": ev.text, "logprobs": None,
-                                                    "finish_reason": ev.finish_reason}]})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+            return text_completion(head, await runner.complete(ids, params))
+        return event_stream(text_completion_chunks(head, runner.stream_events(ids, params)))
 
     return app
 
