@@ -13,6 +13,8 @@ from pathlib import Path
 
 from megatron_lite.errors import UserError
 
+# Label value that carries no loss (user turns, padding): the ignore_index of torch's cross entropy.
+IGNORE_INDEX = -100
 FFN_TYPES = ("swiglu", "mlp")
 AUX_LOSS_TYPES = ("switch", "kl_uniform")
 
@@ -41,7 +43,7 @@ class ModelConfig:
     aux_loss_coeff: float = 0.01
     router_z_loss_coeff: float = 0.0
     capacity_factor: float = 1.25  # expert capacity while training, relative to a perfectly even split
-    eval_capacity_factor: float = 2.0  # only used when eval_drop_tokens is True
+    eval_capacity_factor: float = 2.0  # handed to DeepSpeed's gate; unused, since inference never drops tokens
     min_capacity: int = 4
     drop_tokens: bool = True  # while training; at inference no token is ever dropped (as in Mixtral)
     name: str = field(default="custom", compare=False)
