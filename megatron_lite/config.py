@@ -33,6 +33,7 @@ class ModelConfig:
     max_seq_len: int = 512
     tie_embeddings: bool = True
     attention_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3; exports as Qwen3 classes)
     dropout: float = 0.0
     init_std: float = 0.02
     # --- Mixture of Experts (num_experts == 0 means a dense model) ---
@@ -92,7 +93,7 @@ class ModelConfig:
         if self.is_moe:
             n = self.topk if active_only else self.num_experts
             ffn = n * ffn + h * self.num_experts * (2 if self.router_noise else 1)
-        per_layer = attn + ffn + 2 * h  # two RMSNorm weights
+        per_layer = attn + ffn + 2 * h + (2 * self.head_dim if self.qk_norm else 0)  # RMSNorm weights
         emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return emb + self.num_layers * per_layer + h  # final norm
 

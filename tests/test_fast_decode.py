@@ -15,9 +15,9 @@ TOK = make_tokenizer()
 PROMPTS = ["Hello world", "The quick brown fox jumps", "你好", "def add(a, b):\n    return"]
 
 
-def plain_and_fast(moe: bool, seed: int):
-    plain = tiny_model(tiny_config(moe=moe), seed=seed)
-    fast = tiny_model(tiny_config(moe=moe), seed=seed)
+def plain_and_fast(moe: bool, seed: int, **kw):
+    plain = tiny_model(tiny_config(moe=moe, **kw), seed=seed)
+    fast = tiny_model(tiny_config(moe=moe, **kw), seed=seed)
     return plain, use_decode_layout(fast)
 
 
@@ -38,11 +38,11 @@ def test_decode_layout_keeps_names_values_and_logits(moe):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_static_cache_step_equals_the_plain_path(moe):
+@pytest.mark.parametrize("moe,qk_norm", [(False, False), (True, False), (False, True)], ids=["dense", "moe", "qk_norm"])
+def test_static_cache_step_equals_the_plain_path(moe, qk_norm):
     # DecodeStep over the whole fixed-size cache (masked) is what compile_decoder compiles; run eagerly here
     # it must give the plain model's tokens, left padding and repetition penalty included.
-    plain, fast = plain_and_fast(moe, seed=3)
+    plain, fast = plain_and_fast(moe, seed=3, qk_norm=qk_norm)
     want = generate(plain, TOK, PROMPTS, max_new_tokens=12, greedy=True, repetition_penalty=1.3, stop_at_eos=False)
     decoder = CompiledDecoder(fast)
     decoder.step = DecodeStep(fast)  # eager

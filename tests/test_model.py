@@ -143,16 +143,22 @@ def test_output_projection_init_is_depth_scaled():
     assert torch.equal(model.norm.weight, torch.ones(cfg.hidden_size))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama-mixtral", "qwen3"])
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_every_preset_matches_its_stock_transformers_class(name, tmp_path):
+def test_every_preset_matches_its_stock_transformers_class(name, qk_norm, tmp_path):
     # each preset's attention/FFN/expert shapes, 2 layers deep, exported by the real converter
     from transformers import AutoModelForCausalLM
 
     from megatron_lite.convert.hf import hf_config_dict, save_hf_folder
     base = get_preset(name)
-    cfg = get_preset(name, num_layers=2, vocab_size=512, ffn_hidden_size=min(base.ffn_hidden_size, 256), init_std=0.1)
+    cfg = get_preset(name, num_layers=2, vocab_size=512, ffn_hidden_size=min(base.ffn_hidden_size, 256), init_std=0.1,
+                     qk_norm=qk_norm)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
+    with torch.no_grad():  # norm weights away from 1, so a misplaced norm would show
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
     save_hf_folder(tmp_path, cfg, model.state_dict())
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(hf).__name__ == hf_config_dict(cfg)["architectures"][0]

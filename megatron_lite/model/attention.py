@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.errors import UserError
+from megatron_lite.model.norm import RMSNorm
 from megatron_lite.tensor_parallel import column_linear, group_size, row_linear
 
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
@@ -89,6 +91,11 @@ class Attention(nn.Module):
         self.v_proj = column_linear(h, kv_dim, bias, tp_group)
         self.o_proj = row_linear(h, h, bias, tp_group)
         self.o_proj.is_output_projection = True  # gets the depth-scaled init
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            if tp > 1:  # each rank would hold a different share of the heads' gradient for one shared weight
+                raise UserError("qk_norm is not supported with tensor parallelism (--tp > 1) yet")
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.norm_eps), RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -103,9 +110,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         # Head counts come from the projections' widths, so a tensor-parallel shard (fewer local heads) works unchanged.
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = q.view(B, T, -1, self.head_dim), k.view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, -1, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

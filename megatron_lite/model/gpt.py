@@ -20,22 +20,10 @@ from megatron_lite.errors import UserError
 from megatron_lite.model.attention import Attention, KVCache, rope_cos_sin
 from megatron_lite.model.ffn import build_ffn
 from megatron_lite.model.moe import MoEFeedForward
+from megatron_lite.model.norm import RMSNorm
 from megatron_lite.tensor_parallel import (TENSOR_PARALLEL_LAYERS, column_linear, gather_from_tensor_parallel_region,
                                            group_size, parallel_lm_logits, vocab_embedding,
                                            vocab_parallel_cross_entropy)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even under bf16: the mean of squares loses too much precision in half.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class Block(nn.Module):
