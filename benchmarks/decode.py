@@ -112,7 +112,9 @@ def main(argv=None):
         from benchmarks.common import paired_ratio
         from megatron_lite.config import get_preset
         from megatron_lite.convert.hf import save_hf_folder
-        from megatron_lite.inference.generate import SamplingParams, _steps, compile_decoder, use_cpu_decode_layout
+        from megatron_lite.inference.fast_decode import compile_decoder, use_decode_layout
+        from megatron_lite.inference.generate import _steps
+        from megatron_lite.inference.sampling import SamplingParams
 
         if any(t < 1 for t in args.threads):
             raise UserError(f"--threads must be >= 1, got {args.threads}")
@@ -126,7 +128,7 @@ def main(argv=None):
         config = get_preset(args.model, max_seq_len=max(512, args.prefill_len + args.new_tokens + 1), **overrides)
         with contextlib.redirect_stdout(sys.stderr):
             from megatron_lite.model.gpt import GPT
-            ours = use_cpu_decode_layout(GPT(config).eval())  # what load_model gives every inference tool
+            ours = use_decode_layout(GPT(config).eval())  # what every inference tool decodes with
         with tempfile.TemporaryDirectory() as d:
             save_hf_folder(d, config, ours.state_dict())
             hf = AutoModelForCausalLM.from_pretrained(d).eval()
@@ -165,7 +167,7 @@ def main(argv=None):
                 with contextlib.redirect_stdout(sys.stderr):
                     compiled = GPT(config).eval()
                 compiled.load_state_dict(ours.state_dict())
-                compile_decoder(use_cpu_decode_layout(compiled))  # compiled for this thread count
+                compile_decoder(compiled)  # compiled for this thread count
                 sides["ours_compiled"] = lambda ids, n, model=compiled: run_ours(ids, n, model)
             for B in args.batch_sizes:
                 g = torch.Generator().manual_seed(B)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from megatron_lite.errors import UserError
 
+# Label value that carries no loss (user turns, padding): the ignore_index of torch's cross entropy.
+IGNORE_INDEX = -100
 FFN_TYPES = ("swiglu", "mlp")
 AUX_LOSS_TYPES = ("switch", "kl_uniform")
 
@@ -31,6 +33,7 @@ class ModelConfig:
     max_seq_len: int = 512
     tie_embeddings: bool = True
     attention_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3; exports as Qwen3 classes)
     dropout: float = 0.0
     init_std: float = 0.02
     # --- Mixture of Experts (num_experts == 0 means a dense model) ---
@@ -41,7 +44,7 @@ class ModelConfig:
     aux_loss_coeff: float = 0.01
     router_z_loss_coeff: float = 0.0
     capacity_factor: float = 1.25  # expert capacity while training, relative to a perfectly even split
-    eval_capacity_factor: float = 2.0  # only used when eval_drop_tokens is True
+    eval_capacity_factor: float = 2.0  # handed to DeepSpeed's gate; unused, since inference never drops tokens
     min_capacity: int = 4
     drop_tokens: bool = True  # while training; at inference no token is ever dropped (as in Mixtral)
     name: str = field(default="custom", compare=False)
@@ -90,7 +93,7 @@ class ModelConfig:
         if self.is_moe:
             n = self.topk if active_only else self.num_experts
             ffn = n * ffn + h * self.num_experts * (2 if self.router_noise else 1)
-        per_layer = attn + ffn + 2 * h  # two RMSNorm weights
+        per_layer = attn + ffn + 2 * h + (2 * self.head_dim if self.qk_norm else 0)  # RMSNorm weights
         emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return emb + self.num_layers * per_layer + h  # final norm
 

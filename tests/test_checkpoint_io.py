@@ -10,7 +10,6 @@ import torch
 from inference_utils import make_checkpoint, tiny_config, tiny_model
 from megatron_lite.checkpoint.load import load_full_state_dict
 from megatron_lite.errors import UserError
-from megatron_lite.inference.generate import use_cpu_decode_layout
 from megatron_lite.inference.loading import load_model
 from megatron_lite.tensor_parallel.reshard import shard_state_dict, tp_shard_specs
 
@@ -44,11 +43,9 @@ def test_tp2_shards_are_gathered(tmp_path):
     loaded, _ = load_model(ckpt, require_tokenizer=False)
     got = loaded.state_dict()
     assert all(torch.equal(got[name], w) for name, w in full.items()) and got.keys() == full.keys()
-    # load_model lays CPU weights out for decoding (fused, column-major GEMMs round differently), so the
-    # logits are compared with the reference in that same layout
     ids = torch.tensor([[3, 4, 5, 6]])
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, use_cpu_decode_layout(model)(ids).logits)
+    with torch.no_grad():  # load_model returns the plain model: the very same logits
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_bad_folders_give_user_errors(tmp_path):

@@ -46,13 +46,19 @@ def test_export_matches_stock_transformers(tmp_path, moe):
 
 
 def _tiny_hf(kind, path, tie):
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     common = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, rms_norm_eps=1e-5)
     torch.manual_seed(1)
     if kind == "mixtral":
         m = MixtralForCausalLM(MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common))
+    elif kind == "qwen3":
+        m = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    elif kind == "qwen3_moe":
+        m = Qwen3MoeForCausalLM(Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                               moe_intermediate_size=96, **common))
     else:
         m = LlamaForCausalLM(LlamaConfig(**common))
     with torch.no_grad():
@@ -62,14 +68,16 @@ def _tiny_hf(kind, path, tie):
     make_tokenizer(path)
 
 
-@pytest.mark.parametrize("kind,tie", [("llama", True), ("llama", False), ("mixtral", False)])
+@pytest.mark.parametrize("kind,tie", [("llama", True), ("llama", False), ("mixtral", False), ("qwen3", True),
+                                      ("qwen3_moe", False)])
 def test_round_trip_hf_ours_hf_identical(tmp_path, kind, tie):
     _tiny_hf(kind, tmp_path / "hf", tie)
     convert_from_hf.main(["--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
     # The imported folder is a regular checkpoint: config, latest tag, DeepSpeed-layout files, tokenizer.
     config, sd = load_full_state_dict(tmp_path / "ckpt")
-    assert config.is_moe == (kind == "mixtral") and config.tie_embeddings == tie
-    if kind == "mixtral":
+    assert config.is_moe == (kind in ("mixtral", "qwen3_moe")) and config.tie_embeddings == tie
+    assert config.qk_norm == kind.startswith("qwen3")
+    if config.is_moe:
         assert (tmp_path / "ckpt" / "hf_import" / "layer_1_expert_3_mp_rank_00_model_states.pt").is_file()
     convert_to_hf.main(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf2")])
 

@@ -143,22 +143,30 @@ def test_output_projection_init_is_depth_scaled():
     assert torch.equal(model.norm.weight, torch.ones(cfg.hidden_size))
 
 
-def test_matches_hf_llama_on_copied_weights():
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama-mixtral", "qwen3"])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_matches_its_stock_transformers_class(name, qk_norm, tmp_path):
+    # each preset's attention/FFN/expert shapes, 2 layers deep, exported by the real converter
+    from transformers import AutoModelForCausalLM
 
-    model = make()
-    c = model.config
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
-                                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                                      num_key_value_heads=c.num_kv_heads, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                                      max_position_embeddings=c.max_seq_len, tie_word_embeddings=True,
-                                      attn_implementation="eager")).eval()
-    sd = {"model." + k: v for k, v in model.state_dict().items()}
-    sd["lm_head.weight"] = model.embed_tokens.weight
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing)
-    x = torch.randint(0, 97, (2, 13))
-    torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=0, atol=1e-5)
+    from megatron_lite.convert.hf import hf_config_dict, save_hf_folder
+    base = get_preset(name)
+    cfg = get_preset(name, num_layers=2, vocab_size=512, ffn_hidden_size=min(base.ffn_hidden_size, 256), init_std=0.1,
+                     qk_norm=qk_norm)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # norm weights away from 1, so a misplaced norm would show
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    save_hf_folder(tmp_path, cfg, model.state_dict())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(hf).__name__ == hf_config_dict(cfg)["architectures"][0]
+    x = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(x).logits, hf(x).logits
+    assert ours.std() > 0.5  # far from uniform: the comparison means something
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
 def test_presets_are_valid_configs():

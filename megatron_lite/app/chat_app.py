@@ -37,9 +37,11 @@ def parse_args(argv):
 def get_model(path: str, tag: str | None, device: str, dtype: str):
     import contextlib
 
+    from megatron_lite.inference.fast_decode import use_decode_layout
     from megatron_lite.inference.loading import load_model
     with contextlib.redirect_stdout(sys.stderr):
-        return load_model(path, device, dtype, tag=tag)
+        model, tokenizer = load_model(path, device, dtype, tag=tag)
+    return use_decode_layout(model), tokenizer
 
 
 def sidebar(args):

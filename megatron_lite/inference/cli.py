@@ -35,14 +35,12 @@ def add_model_args(ap: argparse.ArgumentParser):
 
 def load_for_inference(args):
     """(model, tokenizer) from the --load/--tag/--device/--dtype/--compile flags of add_model_args."""
+    from megatron_lite.inference.fast_decode import compile_decoder, use_decode_layout
     from megatron_lite.inference.loading import load_model
-    from megatron_lite.inference.generate import compile_decoder
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; keep stdout clean
         model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
-        if args.compile:
-            compile_decoder(model)
-    return model, tokenizer
+    return (compile_decoder(model) if args.compile else use_decode_layout(model)), tokenizer
 
 
 def sampling_params(args):

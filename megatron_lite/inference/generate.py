@@ -17,37 +17,10 @@ from typing import Iterator, Sequence
 import torch
 
 from megatron_lite.errors import UserError
-from megatron_lite.model.attention import rope_cos_sin
+from megatron_lite.inference.fast_decode import compiled_decoder_of
+from megatron_lite.inference.sampling import SamplingParams, pick_next, process_logits
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in prompt or output
-    greedy: bool = False
-    stop: Sequence[str] = ()  # generation ends before the first occurrence of any of these strings
-    seed: int | None = None
-    stop_at_eos: bool = True
-
-    def validate(self) -> "SamplingParams":
-        if self.max_new_tokens < 0:
-            raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        return self
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+__all__ = ["Completion", "SamplingParams", "StreamEvent", "generate", "stream"]
 
 
 @dataclass
@@ -65,37 +38,6 @@ class StreamEvent:
     text: str
     finish_reason: str | None = None
     completion: Completion | None = field(default=None, repr=False)
-
-
-# ---------------------------------------------------------------- sampling
-
-def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
-    """(B, V) fp32 logits -> logits after repetition penalty, temperature, top-k and top-p (-inf = banned)."""
-    if seen is not None and p.repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if p.is_greedy:
-        return logits
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the first always survives.
-        drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def pick_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) token ids."""
-    if p.is_greedy:
-        return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ---------------------------------------------------------------- text
@@ -158,34 +100,60 @@ def eos_ids(tokenizer) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
-def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Iterator[tuple[list, list, list]]:
-    """Yields, per decoding step, (text delta of every row, finish reason of every row (None while running),
-    the rows' _TextStreams). A finished row keeps decoding padding until the whole batch is done; its
-    output is ignored."""
-    p.validate()
-    if not prompts or any(len(x) == 0 for x in prompts):
-        raise UserError("every prompt needs at least one token")
-    max_len = model.config.max_seq_len
-    B, P = len(prompts), max(len(x) for x in prompts)
-    if P >= max_len:
-        raise UserError(f"prompt of {P} tokens does not fit the model's context of {max_len} tokens")
-    new_tokens = min(p.max_new_tokens, max_len - P)
-    device = model.embed_tokens.weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+class EagerDecoding:
+    """One generation on the plain model's own forward over a dynamic KV cache."""
 
+    def __init__(self, model, batch_size: int, prompt_mask: torch.Tensor, needed_len: int):
+        self.model = model
+        self.cache = model.new_kv_cache(batch_size, needed_len)
+        self.attn = prompt_mask if bool((prompt_mask == 0).any()) else None  # None: nothing to hide
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._logits(ids, positions)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if self.attn is not None:
+            self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
+        return self._logits(tokens, positions), None
+
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, position_ids=positions, attention_mask=self.attn, kv_cache=self.cache,
+                          logits_to_keep=1).logits[:, -1]
+
+
+def start_decoding(model, batch_size: int, prompt_mask: torch.Tensor, needed_len: int):
+    """The model's compiled decoder (`fast_decode.compile_decoder`) when it has one, else its plain forward."""
+    compiled = compiled_decoder_of(model)
+    if compiled is not None:
+        return compiled.start(batch_size, prompt_mask, needed_len)
+    return EagerDecoding(model, batch_size, prompt_mask, needed_len)
+
+
+def _left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) token ids, right-aligned, and their (B, P) 0/1 mask of real tokens."""
+    B, P = len(prompts), max(len(x) for x in prompts)
     ids = torch.full((B, P), pad, dtype=torch.long)
     mask = torch.zeros((B, P), dtype=torch.long)
     for i, x in enumerate(prompts):
         ids[i, P - len(x):] = torch.tensor(x)
         mask[i, P - len(x):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    padded = bool((mask == 0).any())
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device)
+
+
+def _check_prompts(prompts: list[list[int]], max_len: int) -> None:
+    if not prompts or any(len(x) == 0 for x in prompts):
+        raise UserError("every prompt needs at least one token")
+    longest = max(len(x) for x in prompts)
+    if longest >= max_len:
+        raise UserError(f"prompt of {longest} tokens does not fit the model's context of {max_len} tokens")
+
+
+def _sampler(model, prompts: list[list[int]], p: SamplingParams, device):
+    """A function (B, V) logits -> (B,) next tokens that applies `p` (its penalty state and seeded generator
+    inside), and whether the greedy argmax of the raw logits is the whole rule."""
     seen = None
     if p.repetition_penalty != 1.0:
-        vocab = model.config.vocab_size
-        seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
+        seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool, device=device)
         for i, x in enumerate(prompts):  # prompt tokens only, never the padding
             seen[i, torch.tensor(x, device=device)] = True
     gen = None
@@ -193,127 +161,63 @@ def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Ite
         gen = torch.Generator(device=device)
         gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
 
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        nxt = pick_next(process_logits(logits.float(), seen, p), p, gen)  # (B,)
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        return nxt
+
+    return sample, p.is_greedy and seen is None
+
+
+@torch.inference_mode()
+def _steps(model, tokenizer, prompts: list[list[int]], p: SamplingParams) -> Iterator[tuple[list, list, list]]:
+    """Yields, per decoding step, (text delta of every row, finish reason of every row (None while running),
+    the rows' _TextStreams). A finished row keeps decoding padding until the whole batch is done; its
+    output is ignored."""
+    p.validate()
+    max_len = model.config.max_seq_len
+    _check_prompts(prompts, max_len)
+    B = len(prompts)
     streams = [_TextStream(tokenizer, p.stop) for _ in range(B)]
-    reasons: list[str | None] = [None] * B
-    stop_ids = eos_ids(tokenizer) if p.stop_at_eos else set()
+    device = model.embed_tokens.weight.device
+    ids, mask = _left_padded(prompts, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, device)
+    new_tokens = min(p.max_new_tokens, max_len - ids.shape[1])
     if new_tokens == 0:
         yield [""] * B, ["length"] * B, streams
         return
-    compiled = getattr(model, "compiled_decode", None)
-    cache_len = P + new_tokens
-    if compiled:  # static shapes: a power-of-two cache length, so a few graphs serve every prompt length
-        cache_len = min(max_len, max(64, 1 << (cache_len - 1).bit_length()))
-    # the compiled step reads keys position-major: its score loop then runs contiguous over the cache
-    cache = model.new_kv_cache(B, cache_len, keys_transposed=compiled is not None)
-    attn = mask if padded else None
-    logits = model(ids, position_ids=positions, attention_mask=attn, kv_cache=cache, logits_to_keep=1).logits[:, -1]
-    pos = positions[:, -1:]
-    greedy_pick = None  # the compiled step's in-graph argmax, when that is the whole sampling rule
-    graph_argmax_suffices = p.is_greedy and seen is None
-    if compiled:
-        allowed = torch.ones((B, cache_len), dtype=torch.bool, device=device)  # prompt padding stays hidden
-        allowed[:, :P] = mask.bool()
+    sample, argmax_is_the_rule = _sampler(model, prompts, p, device)
+    stop_ids = eos_ids(tokenizer) if p.stop_at_eos else set()
+    reasons: list[str | None] = [None] * B
+
+    decoding = start_decoding(model, B, mask, ids.shape[1] + new_tokens)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, greedy_pick = decoding.prefill(ids, pos), None
+    pos = pos[:, -1:]
     for step in range(new_tokens):
-        if greedy_pick is not None:
-            nxt = greedy_pick
-        else:
-            nxt = pick_next(process_logits(logits.float(), seen, p), p, gen)  # (B,)
+        nxt = greedy_pick if greedy_pick is not None and argmax_is_the_rule else sample(logits)
         deltas = [""] * B
-        host = nxt.tolist()
-        for i in range(B):
-            if reasons[i] is not None:
-                continue
-            streams[i].generated += 1
-            if host[i] in stop_ids:
-                reasons[i] = "stop"
-                deltas[i] = streams[i].finish()
-                continue
-            deltas[i] = streams[i].push(host[i])
-            if streams[i].stopped:
-                reasons[i] = "stop"
-            elif step == new_tokens - 1:
-                reasons[i] = "length"
-                deltas[i] += streams[i].finish()
-        if all(r is not None for r in reasons):
-            yield deltas, reasons, streams
-            return
+        for i, token in enumerate(nxt.tolist()):
+            if reasons[i] is None:
+                deltas[i], reasons[i] = _advance(streams[i], token, stop_ids, last=step == new_tokens - 1)
         yield deltas, list(reasons), streams
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
+        if all(r is not None for r in reasons):
+            return
         pos = pos + 1
-        if compiled:
-            cache.write_at = torch.tensor([cache.length], device=device)
-            logits, argmax = compiled(nxt[:, None], pos, allowed, cache)
-            greedy_pick = argmax if graph_argmax_suffices else None
-            cache.length += 1
-            continue
-        if attn is not None:
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        logits = model(nxt[:, None], position_ids=pos, attention_mask=attn, kv_cache=cache,
-                       logits_to_keep=1).logits[:, -1]
+        logits, greedy_pick = decoding.step(nxt[:, None], pos)
 
 
-def use_cpu_decode_layout(model):
-    """Lay the weights out for decoding on CPU; values, shapes and parameter names stay as they are.
-
-    Decoding a few rows at a time is a chain of matrix-vector products that read each weight once from
-    memory. `x @ W.T` with W (out, in) stored column-major runs as the plain "NN" GEMM, which streams the
-    weights about 1.6x faster than the "NT" GEMM that nn.Linear's row-major default gets, and the q/k/v
-    (and SwiGLU gate/up) weights become column blocks of one matrix, so each is one larger GEMM instead of
-    three (two) (`tiny`, batch 1: the step's GEMVs 2.3 -> ~1.2 ms). For inference only: training,
-    optimizers and ZeRO expect contiguous parameters. GPU models are left alone.
-    """
-    from megatron_lite.model.attention import Attention
-    from megatron_lite.model.ffn import SwiGLU
-
-    if next(model.parameters()).device.type != "cpu":
-        return model
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.qkv_t = _fuse_columns(module.q_proj, module.k_proj, module.v_proj)
-        elif isinstance(module, SwiGLU):
-            module.gate_up_t = _fuse_columns(module.gate_proj, module.up_proj)
-    for param in model.parameters():
-        if param.dim() == 2 and param.is_contiguous():
-            param.data = param.data.t().contiguous().t()
-    return model
-
-
-def _fuse_columns(*linears) -> torch.Tensor | None:
-    """(in, sum of outs) contiguous matrix whose column blocks become the linears' weights (as views, so
-    the parameters and this matrix share memory and a later load_state_dict updates both)."""
-    if not all(type(m) is torch.nn.Linear and m.bias is None for m in linears):
-        return None  # biases or tensor-parallel shards: keep the separate projections
-    fused = torch.cat([m.weight.detach().t() for m in linears], dim=1).contiguous()
-    start = 0
-    for m in linears:
-        m.weight.data = fused[:, start:start + m.out_features].t()
-        start += m.out_features
-    return fused
-
-
-def compile_decoder(model, **compile_kwargs):
-    """Make generation run each decode step as one `torch.compile`d graph of `GPT.decode_step`.
-
-    The step's shapes depend only on the batch size and the KV cache length, which is rounded up to a power
-    of two (>= 64, masked past the current position), so a server compiles a few graphs per batch size,
-    never one per prompt length. Inductor fuses the norm/RoPE/SwiGLU/attention elementwise ops into a
-    handful of kernels, removing most of the per-op dispatch that dominates small-model decoding; on CPU it
-    also freezes the weights (a second copy of the weights; later weight changes are not seen: compile
-    after loading). MoE layers route with static shapes inside the graph (`MoEFeedForward._static_forward`).
-    Each new shape pays a compile (tens of seconds on 2 cores). Prefill stays eager. Greedy tokens equal
-    the eager path's.
-    """
-    compile_kwargs.setdefault("dynamic", False)
-    p = next(model.parameters())
-    if p.device.type == "cpu":
-        compile_kwargs.setdefault("options", {"freezing": True})
-    # RoPE for every position, computed once: looked up in the graph instead of cos/sin per layer and step
-    cos, sin = rope_cos_sin(torch.arange(model.config.max_seq_len, device=p.device)[None], model.config.head_dim,
-                            model.config.rope_theta, p.dtype)  # (1, 1, max_seq_len, head_dim) each
-    model.register_buffer("rope_table", torch.stack([cos[0, 0], sin[0, 0]]), persistent=False)
-    model.compiled_decode = torch.compile(model.decode_step, **compile_kwargs)
-    return model
+def _advance(stream: _TextStream, token: int, stop_ids: set[int], last: bool) -> tuple[str, str | None]:
+    """Feed one sampled token to a running row: (its text delta, its finish reason or None)."""
+    stream.generated += 1
+    if token in stop_ids:
+        return stream.finish(), "stop"
+    delta = stream.push(token)
+    if stream.stopped:
+        return delta, "stop"
+    if last:
+        return delta + stream.finish(), "length"
+    return delta, None
 
 
 def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]] | str, params: SamplingParams | None = None,

@@ -39,10 +39,8 @@ def load_tokenizer_for(path: str | Path):
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
                tag: str | None = None, require_tokenizer: bool = True):
-    """CKPT folder (ours, any ZeRO/ep layout) or HF Llama/Mixtral folder -> (GPT in eval mode, tokenizer).
-
-    On CPU the weights are stored column-major for fast decoding (`use_cpu_decode_layout`): this model is
-    for inference and evaluation, not for training."""
+    """CKPT folder (ours, any ZeRO/ep layout) or HF Llama/Mixtral/Qwen3 folder -> (plain GPT in eval mode,
+    tokenizer). Decoding speed-ups are the caller's choice (`inference.fast_decode`)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
@@ -53,8 +51,6 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype |
         config, sd = load_full_state_dict(path, tag)
     dtype = parse_dtype(dtype)
     model = model_from_state_dict(config, sd, device, dtype)
-    from megatron_lite.inference.generate import use_cpu_decode_layout
-    use_cpu_decode_layout(model)
     tokenizer = load_tokenizer_for(path)
     if tokenizer is None and require_tokenizer:
         raise UserError(f"no tokenizer found in {path}/tokenizer or {path}; copy the training tokenizer there")

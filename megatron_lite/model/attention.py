@@ -13,12 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.errors import UserError
+from megatron_lite.model.norm import RMSNorm
 from megatron_lite.tensor_parallel import column_linear, group_size, row_linear
 
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
-# Fused projections (inference layout) pay off while a step reads weights more than it computes; on long
-# prefills the strided q/k/v (gate/up) slices they produce slow the elementwise ops down more than that.
-FUSED_MAX_ROWS = 32
 
 
 def flash_attn_eligible(is_cuda: bool, dtype: torch.dtype, has_mask: bool, installed: bool = _FLASH_ATTN_INSTALLED) -> bool:
@@ -49,44 +48,18 @@ class KVCache:
 
     Buffers are (B, n_kv_heads, max_len, head_dim); `length` is the number of positions already filled.
     The model advances `length` after every forward so all layers write at the same offset.
-
-    Static mode (`write_at` set, a (T,) index tensor; needs keys_transposed): keys/values are written at
-    those positions and the whole buffer is returned, so every decode step has the same shapes and
-    torch.compile builds one graph (`GPT.decode_step`); the caller's mask hides the positions not yet
-    written. The buffers start zeroed because masked-out attention weights are 0 and 0 * (garbage NaN)
-    would still be NaN.
-
-    keys_transposed: keys live in (B, n_kv_heads, head_dim, max_len) buffers (`k_t`; `k` holds the
-    (B, n_kv, max_len, head_dim) views of them), so the compiled step's query-key products run along
-    contiguous cache positions, vectorised without a horizontal sum per score.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, keys_transposed: bool = False):
+                 dtype: torch.dtype, device: torch.device | str):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.k_t = None
-        if keys_transposed:
-            kshape = (batch_size, num_kv_heads, head_dim, max_len)
-            self.k_t = [torch.zeros(kshape, dtype=dtype, device=device) for _ in range(num_layers)]
-            self.k = [kt.transpose(2, 3) for kt in self.k_t]
-        else:
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0
-        self.write_at: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the new (B, n_kv, T, D) keys/values after the cached ones; return all keys/values so far
-        (in static mode: at `write_at`, returning the whole buffer)."""
-        if self.write_at is not None:
-            if self.k_t is None:
-                raise ValueError("static mode (write_at) needs KVCache(keys_transposed=True)")
-            # only the transposed buffers themselves, never their `k` views, enter the compiled graph: an
-            # in-place write through a view (or aliased inputs) makes it copy the whole buffer every step
-            self.k_t[layer].index_copy_(3, self.write_at, k.transpose(2, 3))
-            self.v[layer].index_copy_(2, self.write_at, v)
-            return self.k_t[layer].transpose(2, 3), self.v[layer]
+        """Write the new (B, n_kv, T, D) keys/values after the cached ones; return all keys/values so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -118,59 +91,53 @@ class Attention(nn.Module):
         self.v_proj = column_linear(h, kv_dim, bias, tp_group)
         self.o_proj = row_linear(h, h, bias, tp_group)
         self.o_proj.is_output_projection = True  # gets the depth-scaled init
-        # Inference only (`use_cpu_decode_layout`): q/k/v weights as column blocks of one (in, q+k+v) matrix.
-        self.qkv_t: torch.Tensor | None = None
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            if tp > 1:  # each rank would hold a different share of the heads' gradient for one shared weight
+                raise UserError("qk_norm is not supported with tensor parallelism (--tp > 1) yet")
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.norm_eps), RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        # Head counts are read off the projections so a tensor-parallel shard (fewer local heads) works unchanged.
-        if self.qkv_t is not None and B * T <= FUSED_MAX_ROWS:  # decoding: one GEMM instead of three
-            q, k, v = (x @ self.qkv_t).split([self.q_proj.out_features, self.k_proj.out_features,
-                                              self.v_proj.out_features], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_head, T, D)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.heads(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, S, D), S = past + T
-        dropout = self.dropout if self.training else 0.0
-
-        if T == 1 and kv_cache is not None and kv_cache.write_at is not None and attn_mask is not None:
-            y = single_query_attention(q, k, v, attn_mask).reshape(B, 1, -1)  # the compiled decode step
-        elif use_flash_attn(x, attn_mask) and (kv_cache is None or kv_cache.length == 0):
-            from flash_attn import flash_attn_func  # (B, T, H, D) layout; GQA handled natively
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True)
-            y = y.reshape(B, T, -1)
-        else:
-            # Plain causal masking is only right when queries and keys start at the same position.
-            is_causal = attn_mask is None and k.shape[2] == T
-            if attn_mask is None and not is_causal and T > 1:  # one new query sees every cached key
-                attn_mask = causal_mask(T, k.shape[2], x.device)
-            gqa = q.shape[1] != k.shape[1]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                               is_causal=is_causal, enable_gqa=gqa)  # (B, n_head, T, D)
-            y = y.transpose(1, 2).reshape(B, T, -1)
+        y = self.attend(q, k, v, attn_mask)  # (B, T, n_head * D)
         return self.o_proj(y)
 
+    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(B, T, C) -> q (B, n_head, T, D), k and v (B, n_kv, T, D), RoPE applied to q and k."""
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        # Head counts come from the projections' widths, so a tensor-parallel shard (fewer local heads) works unchanged.
+        q, k = q.view(B, T, -1, self.head_dim), k.view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row, q (B, H, 1, D), over k/v (B, H_kv, S, D) where mask (B, 1, 1, S) is True.
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> q (B, T, n_head * D), k and v (B, T, n_kv * D)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    The query heads sharing a kv head are stacked as rows, so GQA needs no K/V copies. Both products are
-    written as broadcast multiply + sum so that inductor fuses them with the masked softmax into one loop
-    nest (with `KVCache(keys_transposed=True)` the score sum runs along contiguous positions); at decode
-    sizes that beats SDPA's flash kernel, whose tiling is built for long query blocks, and 32-odd tiny
-    batched GEMMs, whose per-matrix overhead dominates. Returns (B, H, 1, D).
-    """
-    B, H, _, D = q.shape
-    groups = H // k.shape[1]
-    qg = q.reshape(B, k.shape[1], groups, D)
-    scores = (qg[..., None] * k.transpose(-1, -2)[:, :, None]).sum(-2) * D ** -0.5  # (B, H_kv, groups, S)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (probs[..., None] * v[:, :, None]).sum(-2).reshape(B, H, 1, D)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, n_head, T, D) over k/v (B, n_kv, S, D), the last T keys being the queries' own -> (B, T, n_head * D).
+
+        attn_mask: None (causal) or a boolean (B, 1, T, S) mask, True where a query may see a key.
+        """
+        B, _, T, _ = q.shape
+        dropout = self.dropout if self.training else 0.0
+        if use_flash_attn(q, attn_mask) and k.shape[2] == T:
+            from flash_attn import flash_attn_func  # (B, T, H, D) layout; GQA handled natively
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True)
+            return y.reshape(B, T, -1)
+        # Plain causal masking is only right when queries and keys start at the same position.
+        is_causal = attn_mask is None and k.shape[2] == T
+        if attn_mask is None and not is_causal and T > 1:  # new queries after cached keys
+            attn_mask = causal_mask(T, k.shape[2], q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, n_head, T, D)
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:

@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.model.attention import FUSED_MAX_ROWS
 from megatron_lite.tensor_parallel import column_linear, row_linear
 
 
@@ -20,13 +19,8 @@ class SwiGLU(nn.Module):
         self.up_proj = column_linear(hidden_size, ffn_hidden_size, False, tp_group)
         self.down_proj = row_linear(ffn_hidden_size, hidden_size, False, tp_group)
         self.down_proj.is_output_projection = True
-        # Inference only (`use_cpu_decode_layout`): gate/up weights as column blocks of one (in, 2 * ffn) matrix.
-        self.gate_up_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_t is not None and x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:  # decoding: one GEMM, not two
-            gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

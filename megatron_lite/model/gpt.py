@@ -15,27 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_lite.config import ModelConfig
+from megatron_lite.config import IGNORE_INDEX, ModelConfig
 from megatron_lite.errors import UserError
 from megatron_lite.model.attention import Attention, KVCache, rope_cos_sin
 from megatron_lite.model.ffn import build_ffn
 from megatron_lite.model.moe import MoEFeedForward
+from megatron_lite.model.norm import RMSNorm
 from megatron_lite.tensor_parallel import (TENSOR_PARALLEL_LAYERS, column_linear, gather_from_tensor_parallel_region,
                                            group_size, parallel_lm_logits, vocab_embedding,
                                            vocab_parallel_cross_entropy)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even under bf16: the mean of squares loses too much precision in half.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -60,7 +48,7 @@ class Block(nn.Module):
 @dataclass
 class GPTOutput:
     logits: torch.Tensor  # (B, T, vocab); (B, T, vocab/tp) this rank's slice if forward(gather_logits=False)
-    loss: torch.Tensor | None = None  # mean next-token CE over labels != -100 (LM loss only)
+    loss: torch.Tensor | None = None  # mean next-token CE over labels != IGNORE_INDEX (LM loss only)
     aux_loss: torch.Tensor | None = None  # MoE: sum over layers of the weighted balancing (+ z) losses
     expert_counts: torch.Tensor | None = None  # MoE: (num_layers, num_experts) tokens routed per expert
 
@@ -136,7 +124,7 @@ class GPT(nn.Module):
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, gather_logits: bool = True,
                 logits_to_keep: int = 0) -> GPTOutput:
-        """input_ids, labels: (B, T); labels are already aligned to positions (label t = token t+1), -100 ignored.
+        """input_ids, labels: (B, T); labels are already aligned to positions (label t = token t+1), IGNORE_INDEX ignored.
 
         With tensor parallelism the loss never needs the full logits; gather_logits=False skips gathering
         them (training), and `logits` is then this rank's vocabulary slice.
@@ -179,36 +167,11 @@ class GPT(nn.Module):
         logits = F.linear(x, self.output_weight()).float()  # (B, T, vocab), fp32 for a stable softmax
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         return GPTOutput(logits, loss, aux_total, torch.stack(counts) if counts else None)
 
-    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor,
-                    kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row against a cache in static mode: every shape is fixed by (B, cache length), so
-        this is the function `torch.compile` turns into one decode graph (`inference.generate.compile_decoder`).
-
-        input_ids, position_ids: (B, 1); allowed: (B, L) bool, False at cache positions a row must never see
-        (its prompt padding); kv_cache.write_at: (1,) the position written now, positions after it are
-        hidden here. Returns the (B, vocab) fp32 logits and their (B,) argmax: the greedy pick, computed
-        inside the graph (an eager argmax over 8 x 6400 logits cost ~110 us, ~4 % of a `tiny` step).
-        """
-        if self.tp_size > 1:
-            raise UserError("decode_step runs on one rank; load the checkpoint at tp 1 for generation")
-        x = self.embed_tokens(input_ids)
-        table = getattr(self, "rope_table", None)  # compile_decoder's (2, max_seq_len, head_dim) cos/sin
-        if table is not None:
-            cos, sin = table[0][position_ids][:, None], table[1][position_ids][:, None]  # (B, 1, 1, head_dim)
-        else:
-            cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        cache_pos = torch.arange(allowed.shape[1], device=allowed.device)
-        mask = (allowed & (cache_pos <= kv_cache.write_at))[:, None, None, :]  # (B, 1, 1, L)
-        for layer in self.layers:
-            x, _aux, _counts = layer(x, cos, sin, mask, kv_cache)
-        logits = F.linear(self.norm(x[:, -1]), self.output_weight()).float()
-        return logits, logits.argmax(-1)
-
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None, keys_transposed: bool = False) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.embed_tokens.weight
         local_kv_heads = self.config.num_kv_heads // self.tp_size  # tp: this rank's kv heads only
         return KVCache(self.config.num_layers, batch_size, local_kv_heads, self.config.head_dim,
-                       max_len or self.config.max_seq_len, p.dtype, p.device, keys_transposed)
+                       max_len or self.config.max_seq_len, p.dtype, p.device)

@@ -16,7 +16,6 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate, topkgating
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.model.attention import FUSED_MAX_ROWS
 from megatron_lite.model.ffn import build_ffn
 
 
@@ -58,16 +57,28 @@ class NoisyTopKGate(TopKGate):
         self.z_loss_coeff = config.router_z_loss_coeff
 
     def forward(self, input: torch.Tensor, used_token=None, sparse_routes: bool = False, use_tutel: bool = False):
-        x = input.float()  # routing decisions in fp32, as DeepSpeed does
-        logits = F.linear(x, self.wg.weight.float())  # (S, E)
-        if self.training and self.w_noise is not None:
-            noise_std = F.softplus(F.linear(x, self.w_noise.weight.float()))
-            logits = logits + torch.randn_like(logits) * noise_std
+        logits = self.router_logits(input)  # (S, E)
         # DeepSpeed's top-k dispatch: softmax, top-k, capacity, renormalise the kept gates over the chosen k.
         drop = self.drop_tokens and self.training
         out = topkgating(logits, self.k, self.capacity_factor, self.min_capacity, drop_tokens=drop,
                          ep_group=self.ep_group, sparse_routes=sparse_routes)
         return (self.aux_loss(logits, logits.topk(self.k, dim=-1).indices),) + tuple(out[1:])
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, C) tokens -> (S, E) fp32 router logits (routing decisions in fp32, as DeepSpeed's); noisy while training."""
+        x = x.float()
+        logits = F.linear(x, self.wg.weight.float())
+        if self.training and self.w_noise is not None:
+            noise_std = F.softplus(F.linear(x, self.w_noise.weight.float()))
+            logits = logits + torch.randn_like(logits) * noise_std
+        return logits
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """No-drop routing of (S, C) tokens: (S, E) logits, (S, k) chosen experts and their combine weights
+        (softmax over the chosen logits, as Mixtral)."""
+        logits = self.router_logits(x)
+        top = logits.topk(self.k, dim=-1)
+        return logits, top.indices, F.softmax(top.values, dim=-1)
 
     def aux_loss(self, logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """Weighted balancing loss (+ z-loss) of (S, E) router logits whose chosen experts are topk_idx (S, k)."""
@@ -102,8 +113,6 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor):
         """(B, T, C) -> (B, T, C), weighted aux loss (scalar), tokens routed to each expert (E,)."""
         if not self.training and self.moe.ep_size == 1:
-            if torch.compiler.is_compiling() and x.numel() <= FUSED_MAX_ROWS * x.shape[-1]:  # a compiled decode step
-                return self._static_forward(x)
             return self._eval_forward(x)
         y, aux, counts = self.moe(x)
         return y, aux, counts
@@ -111,31 +120,11 @@ class MoEFeedForward(nn.Module):
     def _eval_forward(self, x: torch.Tensor):
         """Inference with every expert on this rank: the same result as DeepSpeed's no-drop dispatch, but each
         expert only sees its own tokens, so one decoded token runs k experts instead of all E."""
-        gate = self.gate
         flat = x.reshape(-1, x.shape[-1])  # (S, C)
-        logits = F.linear(flat.float(), gate.wg.weight.float())  # (S, E)
-        top = logits.topk(gate.k, dim=-1)
-        weights = F.softmax(top.values, dim=-1)  # (S, k): softmax over the chosen logits, as Mixtral
+        logits, chosen, weights = self.gate.route(flat)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-        counts = torch.bincount(top.indices.flatten(), minlength=self.num_experts)
+        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
         for e in counts.nonzero().flatten().tolist():
-            token, slot = (top.indices == e).nonzero(as_tuple=True)
+            token, slot = (chosen == e).nonzero(as_tuple=True)
             out.index_add_(0, token, self.local_experts[e](flat[token]).float() * weights[token, slot, None])
-        return out.to(x.dtype).view_as(x), gate.aux_loss(logits, top.indices), counts
-
-    def _static_forward(self, x: torch.Tensor):
-        """`_eval_forward` with shapes fixed by the input's alone, for torch.compile (`compile_decoder`): every
-        expert runs on every token and the unchosen ones are weighted by exactly 0, so the graph has no
-        data-dependent indexing; the sum adds the chosen experts' outputs in the same order, hence the same
-        values. Costs E/k times the expert FLOPs, so it serves decode-sized inputs only, where reading the
-        weights dominates (and at batch 8 every expert is read anyway)."""
-        gate = self.gate
-        flat = x.reshape(-1, x.shape[-1])  # (S, C)
-        logits = F.linear(flat.float(), gate.wg.weight.float())  # (S, E)
-        top = logits.topk(gate.k, dim=-1)
-        dense = torch.zeros_like(logits).scatter(1, top.indices, F.softmax(top.values, dim=-1))  # (S, E)
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-        for e, expert in enumerate(self.local_experts):
-            out = out + expert(flat).float() * dense[:, e, None]
-        counts = (dense > 0).sum(0)
-        return out.to(x.dtype).view_as(x), gate.aux_loss(logits, top.indices), counts
+        return out.to(x.dtype).view_as(x), self.gate.aux_loss(logits, chosen), counts

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_lite.config import IGNORE_INDEX
 from megatron_lite.tensor_parallel.mappings import group_rank, group_size
 
 
@@ -53,7 +54,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group,
-                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+                                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
     """F.cross_entropy for vocab-parallel logits.
 
     logits (..., V/tp) this rank's vocabulary slice; target (...) global token ids, `ignore_index` skipped.
