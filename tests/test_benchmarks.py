@@ -71,3 +71,42 @@ def test_decode_benchmark_rows_and_same_tokens(tmp_path):
     assert ROW_FIELDS <= set(decode_row) and decode_row["target"] == 2.0
     # one round: the median paired ratio is the ratio of that round's figures
     assert decode_row["ratio"] == pytest.approx(decode_row["ours"] / decode_row["peer"], rel=1e-2)
+
+
+def test_time_to_quality_scores_our_export_as_launch_eval_does(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    out = tmp_path / "ttq.json"
+    p = subprocess.run([sys.executable, "benchmarks/time_to_quality.py", "--recipes", "ours-default",
+                        "baseline-hf-llama", "--iters", "2", "--seq-length", "32", "--global-batch-size", "2",
+                        "--micro-batch-size", "2", "--corpus-mb", "0.1", "--vocab-size", "300", "--points", "2",
+                        "--eval-windows", "8", "--eval-batch-size", "4", "--threads", "1", "--work-dir", str(tmp_path),
+                        "--output", str(out), "--plot", str(tmp_path / "ttq.png")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    data = json.loads(out.read_text())
+    ours, base = data["runs"]
+    assert (ours["recipe"], base["recipe"]) == ("ours-default", "baseline-hf-llama") and data["eval_windows"] == 8
+    assert ours["params"] == base["params"] and ours["tokens"] == base["tokens"] == 2 * 2 * 32
+    for r in data["runs"]:
+        assert [c["step"] for c in r["curve"]] == [1, 2] and 0 < r["curve"][0]["seconds"] < r["curve"][1]["seconds"]
+        assert r["bits_per_byte"] == pytest.approx(r["loss"] * data["bits_per_byte_per_nat"])
+        assert r["loss_at_budget"] is not None or r["train_seconds"] > data["wall_clock_budget_s"]
+    assert base["nats_vs_reference"] == 0 and "baseline-hf-llama" in p.stdout  # the printed table
+    assert all(ROW_FIELDS <= set(r) for r in data["rows"]) and data["rows"][0]["peer"] == base["loss"]
+    assert (tmp_path / "ttq.png").stat().st_size > 0
+
+    # Our evaluator on the HF export == our own eval of the checkpoint on the same held-out windows.
+    data_dir = next(tmp_path.glob("data-*"))
+    e = subprocess.run([sys.executable, "launch/eval.py", "--load", str(tmp_path / "runs/ours-default/ckpt"),
+                        "--data-path", str(data_dir / "data/pretrain_valid_text_document"), "--split", "0,0,1",
+                        "--splits", "test", "--seq-length", "32", "--micro-batch-size", "4", "--eval-iters", "2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-4000:]
+    assert json.loads(e.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(ours["loss"], abs=1e-4)
+
+    bad = subprocess.run([sys.executable, "benchmarks/time_to_quality.py", "--recipes", "muon"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "benchmarks/time_to_quality.py: error: unknown recipe 'muon'; choose from ours-default, ours-previous, "
+        "baseline-hf-llama"]
