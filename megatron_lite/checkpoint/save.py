@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.checkpoint.layout import (EXPERT_KEY, LATEST, TMP_PREFIX, atomic_write_text, expert_states_file,
-                                             fsync_dir, fsync_tree, model_states_file, step_tag)
+                                             fsync_path, fsync_tree, model_states_file, step_tag)
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
@@ -36,7 +36,7 @@ def _commit(root: Path, tag: str) -> None:
         os.replace(final, trash)
     os.replace(root / f"{TMP_PREFIX}{tag}", final)
     atomic_write_text(root / LATEST, tag)
-    fsync_dir(root)
+    fsync_path(root)
     shutil.rmtree(trash, ignore_errors=True)
 
 

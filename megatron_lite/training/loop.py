@@ -9,7 +9,6 @@ c (samples are a pure function of their index). Tensor-parallel ranks of one dp 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from megatron_lite.config import ModelConfig
 from megatron_lite.data.sft_dataset import IGNORE_INDEX
 from megatron_lite.errors import UserError
+from megatron_lite.checkpoint.layout import latest_tag
 from megatron_lite.checkpoint.save import save_training_checkpoint
 from megatron_lite.training.engine import nonfinite_guard
 from megatron_lite.training.rng import rng_state, seed_step
@@ -290,9 +290,8 @@ def check_bad_streak(p: Progress, s: TrainSettings) -> None:
     """Stop with a UserError after max_bad_steps skipped updates in a row (the last checkpoint stays as it was)."""
     if not (s.max_bad_steps and p.bad_streak >= s.max_bad_steps):
         return
-    latest = os.path.join(s.save_dir, "latest") if s.save_dir else None
-    kept = (f"the last checkpoint is {s.save_dir}/{open(latest).read().strip()}"
-            if latest and os.path.exists(latest) else "no checkpoint was saved")
+    tag = latest_tag(Path(s.save_dir)) if s.save_dir else None
+    kept = f"the last checkpoint is {s.save_dir}/{tag}" if tag else "no checkpoint was saved"
     raise UserError(f"stopped at step {p.iteration}: {p.bad_streak} consecutive steps had a non-finite loss or "
                     f"gradients (--max-bad-steps {s.max_bad_steps}); {kept}; lower --lr or check the "
                     f"data, then resume with --load")
