@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,11 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_lite.parallel import free_port  # noqa: E402
 
 
 def _run(cmd: list, env: dict) -> None:
@@ -73,7 +68,7 @@ def compare(tokenizer, data_path: str, work: Path, tp: int = 2, iters: int = 10,
         shutil.rmtree(d, ignore_errors=True)
     _run([sys.executable, "launch/pretrain.py", *common, "--save", single], env)
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    _run([launcher, "--master_port", _free_port(), "--num_gpus", tp, "launch/pretrain.py", *common, "--tp", tp,
+    _run([launcher, "--master_port", free_port(), "--num_gpus", tp, "launch/pretrain.py", *common, "--tp", tp,
           "--save", parallel], env)
     a, b = losses(single), losses(parallel)
     diffs = {s: abs(a[s] - b[s]) for s in a}

@@ -16,7 +16,6 @@ import os
 import pickle
 import queue as queue_mod
 import shutil
-import socket
 import tempfile
 import time
 import traceback
@@ -24,11 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_lite.parallel import free_port
 
 
 def _entry(rank: int, world_size: int, fn: Callable, args: Sequence, init_file: str, port: int,

@@ -88,14 +88,12 @@ print("DS-LOAD-OK")
 def test_written_checkpoint_loads_in_deepspeed(tmp_path):
     """What convert_from_hf writes is a checkpoint DeepSpeed itself restores (SFT --pretrained from HF)."""
     import os
-    import socket
+    from megatron_lite.parallel import free_port
     import subprocess
     import sys
 
     ckpt, _, _ = make_checkpoint(tmp_path / "ckpt", moe=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import torch
 
-from launch_utils import REPO, build_data, command, env, losses, metrics, pretrain_args, run
+from launch_utils import REPO, command, env, losses, metrics, pretrain_args, run
 
 pytestmark = pytest.mark.reliability
 
@@ -34,8 +34,8 @@ T, SAVE = 60, 5  # chain: steps and save interval (2 ranks x micro 2)
 # ------------------------------------------------------------------------------------------ helpers
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_data(tmp_path_factory.mktemp("rel_data"))
+def data(tiny_data):
+    return tiny_data
 
 
 def start(args, log: Path, script: str = "launch/pretrain.py") -> subprocess.Popen:

@@ -1,6 +1,5 @@
 """OpenAI-compatible server driven by the official `openai` client, plus bad requests and concurrency."""
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -13,6 +12,7 @@ from inference_utils import make_tokenizer, tiny_config, tiny_model
 from megatron_lite.inference.chat import chat
 from megatron_lite.inference.generate import generate
 from megatron_lite.inference.server import Limits, create_app
+from megatron_lite.parallel import free_port
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello world"}]
 
@@ -24,9 +24,7 @@ def server():
     torch.manual_seed(0)
     model, tok = tiny_model(tiny_config(moe=True), seed=5), make_tokenizer()
     app = create_app(model, tok, "tiny-moe", Limits(max_tokens=64, default_max_tokens=16, max_body_bytes=4096))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()

@@ -24,7 +24,7 @@ from megatron_lite.training.engine import param_groups
 from megatron_lite.training.schedule import lr_at
 
 import launch_utils
-from launch_utils import REPO, SMALL, build_data, losses, metrics, pretrain_args
+from launch_utils import REPO, SMALL, losses, metrics, pretrain_args
 from launch_utils import env as _env
 
 
@@ -46,8 +46,8 @@ def copy_at(src: Path, dst: Path, step: int) -> Path:
 # ------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_data(tmp_path_factory.mktemp("train_data"), sft=True)
+def data(tiny_data):
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
