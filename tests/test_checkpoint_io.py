@@ -88,9 +88,10 @@ print("DS-LOAD-OK")
 def test_written_checkpoint_loads_in_deepspeed(tmp_path):
     """What convert_from_hf writes is a checkpoint DeepSpeed itself restores (SFT --pretrained from HF)."""
     import os
-    from megatron_lite.parallel import free_port
     import subprocess
     import sys
+
+    from megatron_lite.parallel import free_port
 
     ckpt, _, _ = make_checkpoint(tmp_path / "ckpt", moe=True)
     port = free_port()
