@@ -21,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", nargs="+", required=True, help="dataset prefix or Megatron blend 'W1 P1 W2 P2'")
     p.add_argument("--sft", action="store_true", help="the data is SFT data (preprocess_data.py --chat): "
                    "loss on assistant tokens only")
-    p.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="with --sft: one conversation per sample, as `launch/sft.py --no-pack` trains (default: "
-                        "whole conversations packed into each sample, as launch/sft.py trains by default)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --sft: whole conversations packed into each sample, as launch/sft.py trains by default; "
+                        "--no-pack: one conversation per sample, as `launch/sft.py --no-pack` trains")
     p.add_argument("--split", default="969,30,1", help="train,valid,test document proportions (as in training)")
     p.add_argument("--splits", nargs="+", default=["valid"], choices=["train", "valid", "test"],
                    help="which splits to evaluate")

@@ -65,9 +65,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--split", default="969,30,1", help="train,valid,test document proportions")
     g.add_argument("--seq-length", type=int, default=256, help="tokens per sample (<= the model's max_seq_len)")
     if sft:
-        g.add_argument("--no-pack", dest="pack", action="store_false",
-                       help="one conversation per sample, right-padded (default: pack whole conversations into each "
-                            "sample, each attending only to itself, so little compute goes to padding)")
+        g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                       help="pack whole conversations into each sample, each attending only to itself, so little "
+                            "compute goes to padding; --no-pack: one conversation per sample, right-padded")
 
     g = p.add_argument_group("batch and schedule (flags override the ds_config)")
     g.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"), metavar="PATH",
