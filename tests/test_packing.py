@@ -152,14 +152,14 @@ def test_loop_passes_packed_fields_and_counts_real_tokens(data, monkeypatch):
     from megatron_lite.data.sft_dataset import build_sft_datasets
     from megatron_lite.training import loop
 
-    ds = build_sft_datasets([data["sft"]], "1,0,0", 64, 1, (8, 0, 0))[0]
-    s = loop.TrainSettings(train_iters=1, micro_batch_size=4, grad_accum=1, dp_size=2, dp_rank=1, seq_length=64, seed=1)
+    ds = build_sft_datasets([data["sft"]], "1,0,0", 100, 1, (8, 0, 0))[0]
+    s = loop.TrainSettings(train_iters=1, micro_batch_size=4, grad_accum=1, dp_size=2, dp_rank=1, seq_length=100, seed=1)
     mb = loop.micro_batch(ds, s, 0, 0, torch.device("cpu"))
     items = [ds[i] for i in range(4, 8)]  # dp rank 1's half of the first global batch
     assert torch.equal(mb.extra["document_ids"], torch.stack([x["document_ids"] for x in items]))
     assert torch.equal(mb.extra["position_ids"], torch.stack([x["position_ids"] for x in items]))
     real = int((mb.extra["document_ids"] > 0).sum())
-    assert mb.num_tokens == real < 4 * 64 and mb.has_targets
+    assert mb.num_tokens == real < 4 * 100 and mb.has_targets
 
     class Engine:  # records what the model was called with
         def __call__(self, *args, **kw):

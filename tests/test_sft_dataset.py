@@ -98,12 +98,12 @@ def test_conversations_truncated_before_any_answer_are_left_out(data):
 
 # ------------------------------------------------------------------------------------------ packing
 
-def test_packed_windows_hold_whole_conversations_in_stream_order(data):
+def test_packed_windows_hold_whole_conversations_each_once_per_epoch(data):
     d, tok = data
     L, n = 64, 80
     packed = build_sft_datasets([str(d / "s")], "1,0,0", L, 5, (n, 0, 0))[0]
-    unpacked = build_sft_datasets([str(d / "s")], "1,0,0", L, 5, (3 * n, 0, 0), pack=False)[0]
-    stream = []
+    unpacked = build_sft_datasets([str(d / "s")], "1,0,0", L, 5, (20 * packed.n, 0, 0), pack=False)[0]
+    epoch, seen, filled = 0, [], 0
     for i in range(n):
         item, convs = packed[i], packed.conversation_indices(i)
         at = 0
@@ -117,17 +117,19 @@ def test_packed_windows_hold_whole_conversations_in_stream_order(data):
             got = item["labels"][at:at + len(want)].tolist()
             assert got == want and (m == len(want) or item["labels"][at + m - 1] == IGNORE_INDEX)  # none across
             at += m
-        assert int(item["num_tokens"]) == at
+        assert int(item["num_tokens"]) == at <= L
         assert (item["document_ids"][at:] == 0).all() and (item["labels"][at:] == IGNORE_INDEX).all()
         assert (item["input_ids"][at:] == tok.pad_token_id).all()
-        stream += convs
-        # Greedy: the next conversation of the stream did not fit (unless the epoch ended here).
-        nxt = unpacked.conversation_index(len(stream))
-        if len(stream) % packed.n:
-            assert at + len(encode_chat(tok, CONVS[nxt])[0]) > L
-    # The windows cut the same shuffled stream the unpacked dataset walks, one epoch at a time.
-    assert stream == [unpacked.conversation_index(i) for i in range(len(stream))]
-    assert len(stream) > 2 * n  # several conversations per window
+        filled += at
+        # A window keeps the order of its epoch's shuffled stream (the unpacked dataset's order).
+        order = [unpacked.conversation_index(epoch * packed.n + j) for j in range(packed.n)]
+        assert [order.index(c) for c in convs] == sorted(order.index(c) for c in convs)
+        seen += convs
+        assert len(seen) == len(set(seen)) <= packed.n  # no conversation twice within an epoch
+        if len(seen) == packed.n:  # the epoch ends with a window: every conversation was in one
+            epoch, seen = epoch + 1, []
+    assert epoch >= 5 and filled / (n * L) > 0.7  # several conversations per window, little padding
+    assert len(packed.conversation_indices(0)) > 2
 
 
 def test_packed_window_is_a_pure_function_of_its_index(data):

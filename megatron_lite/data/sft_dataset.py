@@ -10,10 +10,14 @@ longer than seq_length is cut to seq_length + 1 tokens and fills a window alone 
 a label).
 
 Order: the conversation stream is epoch 0's permutation, then epoch 1's, ... (permutation e seeded by
-(seed, e)). Packed, window i takes the next conversations of the stream while they fit (greedy, in order),
-then right padding; unpacked, window i is stream conversation i. Either way window i is a pure function of
-(data, seed, seq_length, i), however many windows are requested, so resuming needs only the count consumed.
-A window never straddles two epochs, so it never holds one conversation twice.
+(seed, e)). Unpacked, window i is stream conversation i. Packed, each epoch is cut into windows by greedy
+first fit over the stream with OPEN_WINDOWS windows open: a conversation goes into the first open window
+it fits in, else opens a new one, which closes the oldest when too many are open (a full window closes at
+once); windows are numbered in the order they close, then right-padded. A handful of open windows fills
+them far better than cutting the stream strictly in order, yet keeps each window's conversations in stream
+order and near in it. Either way window i is a pure function of (data, seed, seq_length, i), however many
+windows are requested, so resuming needs only the count consumed. A window never straddles two epochs,
+so it never holds one conversation twice, and every conversation of an epoch is in exactly one window.
 
 Packed items also carry position_ids (restarting at 0 in each conversation, so each sees the positions it
 would see alone) and document_ids (k = 1, 2, ... for the window's conversations, 0 for padding): the model
@@ -29,6 +33,7 @@ from megatron_lite.data.indexed_dataset import IndexedDataset, read_meta
 from megatron_lite.errors import UserError
 
 IGNORE_INDEX = -100  # the label cross-entropy skips (PyTorch's default ignore_index)
+OPEN_WINDOWS = 8  # packing: windows filled at once (more fill the windows a little better, each step less)
 
 
 def sft_prefixes(prefix: str) -> tuple[str, str]:
@@ -57,7 +62,11 @@ class SFTDataset(torch.utils.data.Dataset):
         # positions each kept conversation fills in a window
         self.fill = np.minimum(lengths[self.docs].astype(np.int64), seq_length)
         self._perms: dict[int, np.ndarray] = {}
-        self._starts = [0]  # packed: stream position of window i's first conversation, grown on demand
+        # packed, grown an epoch at a time on demand: the windows' stream positions back to back, where
+        # each window starts in that list, and the first window number of every epoch built (then the end)
+        self._order: list[np.ndarray] = []
+        self._bounds: list[np.ndarray] = []
+        self._first_window = [0]
 
     def __len__(self):
         return self.num_samples
@@ -69,21 +78,38 @@ class SFTDataset(torch.utils.data.Dataset):
             self._perms[epoch] = np.random.default_rng([self.seed, 7, epoch]).permutation(self.n)
         return int(self._perms[epoch][j])
 
-    def _window(self, i: int) -> range:
+    def _pack_epoch(self, e: int) -> None:
+        """Cut epoch e's stream positions into windows (greedy first fit, OPEN_WINDOWS open at a time)."""
+        L, base = self.seq_length, e * self.n
+        open_: list[list] = []  # [filled positions, stream positions]
+        closed: list[list[int]] = []
+        for k in range(base, base + self.n):
+            f = int(self.fill[self._stream(k)])
+            w = next((w for w in open_ if w[0] + f <= L), None)
+            if w is None:
+                w = [0, []]
+                open_.append(w)
+            w[0] += f
+            w[1].append(k)
+            if w[0] == L:
+                open_.remove(w)
+                closed.append(w[1])
+            elif len(open_) > OPEN_WINDOWS:
+                closed.append(open_.pop(0)[1])
+        closed += [w[1] for w in open_]
+        self._order.append(np.fromiter((k for w in closed for k in w), dtype=np.int64))
+        self._bounds.append(np.cumsum([0] + [len(w) for w in closed]))
+        self._first_window.append(self._first_window[-1] + len(closed))
+
+    def _window(self, i: int) -> list[int]:
         """Stream positions of window i's conversations."""
         if not self.pack:
-            return range(i, i + 1)
-        while len(self._starts) <= i + 1:  # greedy: windows are cut in stream order, so build up to i
-            k, used = self._starts[-1], 0
-            while True:
-                f = int(self.fill[self._stream(k)])
-                if used and used + f > self.seq_length:
-                    break
-                used, k = used + f, k + 1
-                if used >= self.seq_length or k % self.n == 0:  # full, or the epoch is over
-                    break
-            self._starts.append(k)
-        return range(self._starts[i], self._starts[i + 1])
+            return [i]
+        while self._first_window[-1] <= i:
+            self._pack_epoch(len(self._order))
+        e = int(np.searchsorted(self._first_window, i, side="right")) - 1
+        j = i - self._first_window[e]
+        return self._order[e][self._bounds[e][j]:self._bounds[e][j + 1]].tolist()
 
     def conversation_indices(self, i: int) -> list[int]:
         """Document indices of the conversations in window i, in order."""
