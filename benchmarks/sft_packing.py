@@ -8,7 +8,7 @@ Data: the main job's embedded corpus (megatron_lite.data.corpus), a 6400-token B
 pretraining text, its SFT conversations preprocessed with --chat (kept in --work-dir and reused).
 Variants, through the same calls launch/sft.py makes (build_sft_datasets -> loop.micro_batch -> our
 DeepSpeed engine, ZeRO-2 json, 1 process), each step reading the next micro-batch of its own dataset:
-  packed    whole conversations packed greedily into each window (position ids restart, block-diagonal
+  packed    whole conversations packed into each window by first fit (position ids restart, block-diagonal
             causal attention), the default of launch/sft.py
   unpacked  one conversation per window, right-padded (launch/sft.py --no-pack)
 Steps (batch assembly + forward + backward + AdamW) are timed turn about in one process; the figure is the
