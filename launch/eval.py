@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", nargs="+", required=True, help="dataset prefix or Megatron blend 'W1 P1 W2 P2'")
     p.add_argument("--sft", action="store_true", help="the data is SFT data (preprocess_data.py --chat): "
                    "loss on assistant tokens only")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --sft: whole conversations packed into each sample, as launch/sft.py trains by default; "
+                        "--no-pack: one conversation per sample, as `launch/sft.py --no-pack` trains")
     p.add_argument("--split", default="969,30,1", help="train,valid,test document proportions (as in training)")
     p.add_argument("--splits", nargs="+", default=["valid"], choices=["train", "valid", "test"],
                    help="which splits to evaluate")
@@ -62,12 +65,14 @@ def main(argv=None) -> list:
     load_weights_into(model, a.load)  # any tp / ep layout the checkpoint was saved with
     engine = build_engine(model, ds_config, dims, train=False)
 
-    if a.sft:
-        from megatron_lite.data.sft_dataset import build_sft_datasets as build
-    else:
-        from megatron_lite.data.gpt_dataset import build_gpt_datasets as build
     n = a.eval_iters * a.micro_batch_size * dims.dp
-    datasets = dict(zip(("train", "valid", "test"), build(a.data_path, a.split, a.seq_length, a.seed, (n, n, n))))
+    if a.sft:
+        from megatron_lite.data.sft_dataset import build_sft_datasets
+        splits = build_sft_datasets(a.data_path, a.split, a.seq_length, a.seed, (n, n, n), pack=a.pack)
+    else:
+        from megatron_lite.data.gpt_dataset import build_gpt_datasets
+        splits = build_gpt_datasets(a.data_path, a.split, a.seq_length, a.seed, (n, n, n))
+    datasets = dict(zip(("train", "valid", "test"), splits))
     s = TrainSettings(train_iters=0, micro_batch_size=a.micro_batch_size, grad_accum=1, dp_size=dims.dp,
                       dp_rank=dims.dp_rank, seq_length=a.seq_length, seed=a.seed, eval_iters=a.eval_iters)
     step = int(tag.removeprefix("global_step")) if tag.startswith("global_step") else None

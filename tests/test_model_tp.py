@@ -89,6 +89,23 @@ def same_forward_backward(dims, cfg):
 
 
 @per_config
+def same_packed_forward_backward(dims, cfg):
+    """Packed rows (SFT packing): position ids restart and attention stays within each document under tp too."""
+    par, ref = pair(cfg, dims.tp_group)
+    ids, labels = batch(cfg)
+    doc = torch.tensor([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+    pos = torch.tensor([list(range(5)) + list(range(4)) + list(range(3)), list(range(12))])
+    out, out_ref = (m(ids, labels, position_ids=pos, document_ids=doc) for m in (par, ref))
+    out.loss.backward()
+    out_ref.loss.backward()
+    grads = gather_state_dict({n: p.grad for n, p in par.named_parameters()}, tp_shard_specs(par), dims.tp_group)
+    close(out.logits, out_ref.logits, "packed logits")
+    close(out.loss, out_ref.loss, "packed loss")
+    for n, p in ref.named_parameters():
+        close(grads[n], p.grad, f"packed grad {n}")
+
+
+@per_config
 def same_training_steps(dims, cfg):
     # the trainer's own AdamW param groups: the sharded embedding must skip weight decay like nn.Embedding
     from megatron_lite.training.engine import param_groups

@@ -3,10 +3,14 @@
 RoPE follows the HF Llama `rotate_half` convention (the two halves of each head are the rotation pairs),
 so q/k weights convert to `LlamaForCausalLM` by a plain rename, with no permutation.
 Backends: flash-attn on CUDA for fp16/bf16 when installed, otherwise torch SDPA.
+Packed sequences (several documents per row, `document_ids`) attend block-diagonal-causally: with
+flash-attn's varlen kernel over the documents' cu_seqlens where flash-attn is eligible, else through SDPA
+with the boolean mask `document_mask` builds.
 """
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -27,6 +31,44 @@ def flash_attn_eligible(is_cuda: bool, dtype: torch.dtype, has_mask: bool, insta
 
 def use_flash_attn(x: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
     return flash_attn_eligible(x.is_cuda, x.dtype, attn_mask is not None)
+
+
+@dataclass
+class Documents:
+    """Packed rows as flash-attn's varlen kernel wants them: the flattened (B*T) tokens cut into runs.
+
+    cu_seqlens: int32 (n_runs + 1,) start offsets of each run of equal document id (a row boundary
+    always starts a new run), then B*T; max_seqlen: an upper bound on a run's length (T, so no host sync).
+    """
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def documents(document_ids: torch.Tensor) -> Documents:
+    """(B, T) document ids -> the runs of equal ids, row by row."""
+    B, T = document_ids.shape
+    flat = document_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::T] = True
+    idx = torch.nonzero(starts).flatten()
+    end = torch.tensor([B * T], device=flat.device, dtype=idx.dtype)
+    return Documents(torch.cat([idx, end]).to(torch.int32), T)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> boolean (B, 1, T, T) mask: query i sees keys j <= i of its own document."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return (document_ids[:, :, None] == document_ids[:, None, :])[:, None] & causal
+
+
+def packed_attention_inputs(document_ids: torch.Tensor, is_cuda: bool, dtype: torch.dtype,
+                            installed: bool = _FLASH_ATTN_INSTALLED) -> Documents | torch.Tensor:
+    """What the layers attend with for packed rows: varlen runs where flash-attn runs, else the SDPA mask."""
+    if flash_attn_eligible(is_cuda, dtype, has_mask=False, installed=installed):
+        return documents(document_ids)
+    return document_mask(document_ids)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -98,7 +140,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.norm_eps), RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | Documents | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = self.heads(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, S, D), S = past + T
@@ -120,13 +162,21 @@ class Attention(nn.Module):
         """(B, T, C) -> q (B, T, n_head * D), k and v (B, T, n_kv * D)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | Documents | None) -> torch.Tensor:
         """q (B, n_head, T, D) over k/v (B, n_kv, S, D), the last T keys being the queries' own -> (B, T, n_head * D).
 
-        attn_mask: None (causal) or a boolean (B, 1, T, S) mask, True where a query may see a key.
+        attn_mask: None (causal), a boolean (B, 1, T, S) mask, True where a query may see a key, or
+        `Documents` (packed rows, no cache: causal within each run, flash-attn's varlen kernel).
         """
         B, _, T, _ = q.shape
         dropout = self.dropout if self.training else 0.0
+        if isinstance(attn_mask, Documents):
+            from flash_attn import flash_attn_varlen_func  # (total, H, D) layout; GQA handled natively
+            q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]) for t in (q, k, v))
+            cu, m = attn_mask.cu_seqlens, attn_mask.max_seqlen
+            y = flash_attn_varlen_func(q, k, v, cu, cu, m, m, dropout_p=dropout, causal=True)
+            return y.reshape(B, T, -1)
         if use_flash_attn(q, attn_mask) and k.shape[2] == T:
             from flash_attn import flash_attn_func  # (B, T, H, D) layout; GQA handled natively
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True)

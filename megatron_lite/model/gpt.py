@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from megatron_lite.config import IGNORE_INDEX, ModelConfig
 from megatron_lite.errors import UserError
-from megatron_lite.model.attention import Attention, KVCache, rope_cos_sin
+from megatron_lite.model.attention import Attention, KVCache, packed_attention_inputs, rope_cos_sin
 from megatron_lite.model.ffn import build_ffn
 from megatron_lite.model.moe import MoEFeedForward
 from megatron_lite.model.norm import RMSNorm
@@ -122,7 +122,7 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, gather_logits: bool = True,
+                document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None, gather_logits: bool = True,
                 logits_to_keep: int = 0) -> GPTOutput:
         """input_ids, labels: (B, T); labels are already aligned to positions (label t = token t+1), IGNORE_INDEX ignored.
 
@@ -131,6 +131,8 @@ class GPT(nn.Module):
 
         attention_mask: optional (B, S) with 1 for real tokens and 0 for padding over all S = past + T key
         positions (left-padded batched generation). position_ids default to past + arange(T).
+        document_ids: optional (B, T) for packed rows (several documents each, no cache): a token attends
+        only to earlier tokens of equal id; pass position_ids restarting at each document with it.
         logits_to_keep > 0 computes logits for the last that many positions only (generation's prefill).
         """
         B, T = input_ids.shape
@@ -140,7 +142,11 @@ class GPT(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = None
-        if attention_mask is not None:
+        if document_ids is not None:
+            if kv_cache is not None or attention_mask is not None:
+                raise ValueError("document_ids (packed rows) cannot be combined with a KV cache or attention_mask")
+            mask = packed_attention_inputs(document_ids, x.is_cuda, x.dtype)
+        elif attention_mask is not None:
             S = past + T
             key_pos, query_pos = torch.arange(S, device=x.device)[None, :], torch.arange(T, device=x.device)[:, None] + past
             mask = (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)

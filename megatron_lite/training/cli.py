@@ -64,6 +64,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    + (" (SFT data from preprocess_data.py --chat)" if sft else ""))
     g.add_argument("--split", default="969,30,1", help="train,valid,test document proportions")
     g.add_argument("--seq-length", type=int, default=256, help="tokens per sample (<= the model's max_seq_len)")
+    if sft:
+        g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                       help="pack whole conversations into each sample, each attending only to itself, so little "
+                            "compute goes to padding; --no-pack: one conversation per sample, right-padded")
 
     g = p.add_argument_group("batch and schedule (flags override the ds_config)")
     g.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"), metavar="PATH",
@@ -234,7 +238,8 @@ def build_datasets(kind: str, a, s: TrainSettings):
     build = build_sft_datasets if kind == "sft" else build_gpt_datasets
     n_eval = a.eval_iters * s.global_batch if a.eval_interval else 0
     samples = (a.train_iters * s.global_batch, n_eval, 0)
-    train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed, samples)
+    train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed, samples,
+                                  **({"pack": a.pack} if kind == "sft" else {}))
     if train_ds is None:
         raise UserError(f"--data-path {' '.join(a.data_path)} with --split {a.split} leaves no training data")
     return train_ds, valid_ds

@@ -114,15 +114,33 @@ class StopRequest:
         return flag.item() > 0
 
 
-def micro_batch(dataset, s: TrainSettings, first_sample: int, micro_step: int, dev: torch.device):
-    """(input_ids, labels, has_targets) of this rank's micro-batch; has_targets is False when every label is
-    IGNORE_INDEX (an SFT batch whose replies were all truncated away), checked on the host before the copy."""
+@dataclass
+class MicroBatch:
+    """One rank's micro-batch on the device, and what the host already knows about it."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    extra: dict  # more model inputs the dataset gives: packed SFT's position_ids and document_ids
+    has_targets: bool  # False when every label is IGNORE_INDEX (an SFT batch whose replies were all truncated away)
+    num_tokens: int  # non-padding tokens (every token unless the items say how many they hold)
+
+    def forward(self, engine):
+        return engine(self.input_ids, self.labels, **self.extra)
+
+
+MODEL_INPUTS = ("position_ids", "document_ids")  # optional item fields passed on to GPT.forward
+
+
+def micro_batch(dataset, s: TrainSettings, first_sample: int, micro_step: int, dev: torch.device) -> MicroBatch:
+    """This rank's micro-batch; has_targets and num_tokens are read on the host before the copy."""
     start = first_sample + (micro_step * s.dp_size + s.dp_rank) * s.micro_batch_size
     items = [dataset[i] for i in range(start, start + s.micro_batch_size)]
     input_ids = torch.stack([x["input_ids"] for x in items])
     labels = torch.stack([x["labels"] for x in items])
     has_targets = bool((labels != IGNORE_INDEX).any())
-    return input_ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), has_targets
+    num_tokens = (sum(int(x["num_tokens"]) for x in items) if "num_tokens" in items[0] else input_ids.numel())
+    extra = {k: torch.stack([x[k] for x in items]).to(dev, non_blocking=True) for k in MODEL_INPUTS if k in items[0]}
+    return MicroBatch(input_ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), extra, has_targets,
+                      num_tokens)
 
 
 def flops_per_token(config: ModelConfig, seq_length: int) -> float:
@@ -167,9 +185,9 @@ def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
     for m in range(per_rank_steps):
         if (m * s.dp_size + s.dp_rank + 1) * s.micro_batch_size > len(dataset):
             break
-        input_ids, labels, has_targets = micro_batch(dataset, s, 0, m, dev)
-        if has_targets:
-            total += engine(input_ids, labels).loss.float()
+        mb = micro_batch(dataset, s, 0, m, dev)
+        if mb.has_targets:
+            total += mb.forward(engine).loss.float()
             n += 1
     engine.train()
     loss = _dp_mean(total / max(n, 1), group).item()
@@ -196,8 +214,11 @@ class LogInterval:
         self.bad_sum = torch.zeros((), device=self.dev)  # of those, with a non-finite loss
         self.aux_sum = torch.zeros((), device=self.dev)
         self.counts_sum = None  # (layers, experts) tokens routed
+        self.num_tokens = 0  # non-padding tokens this rank trained on (a host count: no sync)
 
-    def add_micro_batch(self, out, lm_loss: torch.Tensor, bad: torch.Tensor, has_targets: bool) -> None:
+    def add_micro_batch(self, out, lm_loss: torch.Tensor, bad: torch.Tensor, has_targets: bool,
+                        num_tokens: int) -> None:
+        self.num_tokens += num_tokens
         if has_targets:
             self.loss_sum += torch.where(bad > 0, 0.0, lm_loss.detach().float())  # keep NaN out of the mean
             self.bad_sum += bad
@@ -217,13 +238,14 @@ class LogInterval:
     def row(self, p: Progress, lr: float, grad_norm) -> tuple[dict, float]:
         """(metrics row of this log step, ETA in seconds); the next interval starts empty."""
         s, dev, group = self.s, self.dev, self.dp_group
-        # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide.
-        stats = _dp_sum(torch.stack([self.loss_sum, torch.tensor(float(self.n_loss), device=dev) - self.bad_sum]),
-                        group)
+        # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide. The same
+        # reduction sums the ranks' real (non-padding) tokens, which is what tokens/s and MFU count.
+        stats = _dp_sum(torch.stack([self.loss_sum, torch.tensor(float(self.n_loss), device=dev) - self.bad_sum,
+                                     torch.tensor(float(self.num_tokens), device=dev)]), group)
         # None when every micro-batch since the last log had a non-finite loss.
         loss = (stats[0] / stats[1]).item() if stats[1] > 0 else None
         now = time.perf_counter()
-        tok_s = s.global_batch * s.seq_length * self.steps / (now - self.started)
+        tok_s = stats[2].item() / (now - self.started)
         self.steps_timed += self.steps
         metrics = {"step": p.iteration, "loss": loss, "lr": lr, "grad_norm": _to_float(grad_norm),
                    "tokens_per_s": tok_s, "consumed_samples": p.consumed_samples, "skipped_steps": p.skipped_steps}
@@ -251,8 +273,9 @@ def train_step(engine, dataset, s: TrainSettings, p: Progress, interval: LogInte
     if guard is not None:
         guard.bad_loss, guard.last_skipped = None, False
     for m in range(s.grad_accum):
-        input_ids, labels, has_targets = micro_batch(dataset, s, p.consumed_samples, m, engine.device)
-        out = engine(input_ids, labels)
+        mb = micro_batch(dataset, s, p.consumed_samples, m, engine.device)
+        has_targets = mb.has_targets
+        out = mb.forward(engine)
         # No targets: CE is 0/0 = NaN. Back-propagate an exact zero instead (every rank must still run
         # backward for ZeRO's gradient reduction) and leave the batch out of the logged loss.
         lm_loss = out.loss if has_targets else out.logits.sum() * 0.0
@@ -264,7 +287,7 @@ def train_step(engine, dataset, s: TrainSettings, p: Progress, interval: LogInte
         if guard is not None:  # read by the optimizer at the accumulation boundary, inside engine.step()
             guard.bad_loss = bad if guard.bad_loss is None else guard.bad_loss + bad
         engine.step()
-        interval.add_micro_batch(out, lm_loss, bad, has_targets)
+        interval.add_micro_batch(out, lm_loss, bad, has_targets, mb.num_tokens)
     interval.steps += 1
     # Both verdicts are already agreed over ranks (all-reduced), so every rank takes the same branch.
     skipped = engine.skipped_steps > ds_skipped_before or (guard is not None and guard.last_skipped)
