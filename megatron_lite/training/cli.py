@@ -27,6 +27,7 @@ from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, 
 from megatron_lite.training.engine import build_engine, build_model
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, train
 from megatron_lite.training.monitor import Monitor
+from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
 from megatron_lite.training.rng import set_rng_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,6 +52,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--topk", type=int, default=None, help="experts per token (MoE)")
     for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-heads", "num-kv-heads"):
         g.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
+    g.add_argument("--qk-norm", action="store_true", default=None,
+                   help="RMSNorm on each head's queries and keys before RoPE (Qwen3; exports as Qwen3 classes)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer directory; vocab_size is padded from its length"
                    + (" (default: PRETRAINED/tokenizer)" if sft else " (required unless --load)"))
@@ -69,7 +72,12 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                        help="pack whole conversations into each sample, each attending only to itself, so little "
                             "compute goes to padding; --no-pack: one conversation per sample, right-padded")
 
-    g = p.add_argument_group("batch and schedule (flags override the ds_config)")
+    g = p.add_argument_group(
+        "batch, optimizer and schedule",
+        "A flag beats an explicit ds_config value, which beats the preset's recipe (ds_config entries left "
+        "\"auto\", as in the shipped ones; see megatron_lite/training/recipe.py and README). "
+        + ("SFT's recipe is the generic one (AdamW, lr 1e-3, no warmup)." if sft else
+           "Unset (None) below means: from the ds_config, else the recipe of --model."))
     g.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"), metavar="PATH",
                    help="DeepSpeed JSON config (a path; see ds_configs/README.md)")
     g.add_argument("--micro-batch-size", type=int, default=None, help="samples per rank per micro step")
@@ -77,10 +85,25 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="samples per optimizer step over all ranks; grad accumulation = this / (micro x dp)")
     g.add_argument("--grad-accum", type=int, default=None, help="micro steps per optimizer step")
     g.add_argument("--train-iters", type=int, required=True, help="optimizer steps to train (total, counting resumed ones)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (ds_config optimizer.params.lr)")
-    g.add_argument("--min-lr", type=float, default=None, help="floor of the cosine decay (default: 0.1 x lr)")
-    g.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (not on norms, biases, embeddings)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="adamw: torch AdamW; muon: DeepSpeed's Muon (MuonWithAuxAdam) on the hidden matrices and "
+                        "AdamW on embeddings, norms, router and head, always under ZeRO stage >= 1 (ds_config "
+                        "optimizer.type AdamW / Muon)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of AdamW; with --optimizer muon, of its AdamW side (optimizer.params.lr)")
+    g.add_argument("--muon-lr", type=float, default=None,
+                   help="peak learning rate of Muon's matrices (optimizer.params.muon_lr; --optimizer muon only)")
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="floor of the decay (recipe: 0.1 x lr); Muon's matrices decay to the same fraction of "
+                        "--muon-lr")
+    g.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (recipe: 5%% of --train-iters)")
+    g.add_argument("--lr-decay-style", choices=DECAY_STYLES, default=None,
+                   help="after warmup: cosine to --min-lr over the run, or wsd (warmup-stable-decay: the peak held, "
+                        "then linear to --min-lr over the last --lr-wsd-decay-frac of --train-iters)")
+    g.add_argument("--lr-wsd-decay-frac", type=float, default=None,
+                   help="wsd: fraction of --train-iters the final linear decay takes (recipe: 0.2)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="decoupled weight decay, not on norms, biases, embeddings (recipe: 0.1)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=1234, help="seed for init, data order, dropout and router noise")
 
@@ -126,8 +149,8 @@ def check_args(a) -> None:
     if min(a.save_interval, a.eval_interval, a.eval_iters, a.exit_interval, a.max_bad_steps) < 0:
         raise UserError("--save-interval, --eval-interval, --eval-iters, --exit-interval and --max-bad-steps "
                         "must be >= 0")
-    if a.lr is not None and a.lr < 0 or a.min_lr is not None and a.min_lr < 0:
-        raise UserError("--lr and --min-lr must be >= 0")
+    if any(v is not None and v < 0 for v in (a.lr, a.min_lr, a.muon_lr, a.warmup_iters)):
+        raise UserError("--lr, --muon-lr, --min-lr and --warmup-iters must be >= 0")
     if a.load and not os.path.isdir(a.load):
         raise UserError(f"--load {a.load}: checkpoint folder does not exist")
 
@@ -135,7 +158,8 @@ def check_args(a) -> None:
 def model_config(a, tokenizer) -> ModelConfig:
     overrides = {k: v for k, v in dict(num_experts=a.num_experts, topk=a.topk, num_layers=a.num_layers,
                                        hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
-                                       num_heads=a.num_heads, num_kv_heads=a.num_kv_heads).items() if v is not None}
+                                       num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                                       qk_norm=a.qk_norm).items() if v is not None}
     return get_preset(a.model, vocab_size=pad_vocab_size(len(tokenizer)), **overrides)
 
 
@@ -181,7 +205,9 @@ def plan_parallel(a, config: ModelConfig, raw_ds_config: dict) -> tuple[Parallel
     ds_config = resolve_ds_config(
         raw_ds_config, dims.dp, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters)
+        grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters, optimizer=a.optimizer,
+        muon_lr=a.muon_lr, lr_decay_style=a.lr_decay_style, wsd_decay_frac=a.lr_wsd_decay_frac,
+        recipe=recipe_for(None if getattr(a, "pretrained", None) else a.model))  # SFT: the generic recipe
     if a.load:
         check_resumable(a.load, dims.dp, dims.tp, (ds_config.get("zero_optimization") or {}).get("stage", 0))
     s = TrainSettings(train_iters=a.train_iters, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],

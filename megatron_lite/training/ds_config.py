@@ -10,6 +10,12 @@ import torch
 
 from megatron_lite.errors import UserError
 from megatron_lite.parallel import bf16_supported
+from megatron_lite.training.recipe import DECAY_STYLES, FALLBACK, OPTIMIZERS, Recipe
+
+# ds_config optimizer / scheduler type names of our choices (ours: WarmupStableDecayLR, see schedule.py)
+OPTIMIZER_TYPES = {"adam": "AdamW", "adamw": "AdamW", "muon": "Muon"}
+SCHEDULER_TYPES = {"cosine": "WarmupCosineLR", "wsd": "WarmupStableDecayLR"}
+MUON_ONLY_PARAMS = ("muon_lr", "adam_lr", "momentum", "ns_method")
 
 
 def load_ds_config(path: str) -> dict:
@@ -27,13 +33,14 @@ def load_ds_config(path: str) -> dict:
 
 def resolve_ds_config(cfg: dict, dp: int, *, micro_batch_size=None, grad_accum=None, global_batch_size=None,
                       lr=None, min_lr=None, weight_decay=None, grad_clip=None, warmup_iters=None,
-                      train_iters: int = 1) -> dict:
-    """Apply command-line overrides (a flag beats the JSON) and settle everything DeepSpeed cannot decide
-    itself. Returns a new dict."""
+                      train_iters: int = 1, optimizer=None, muon_lr=None, lr_decay_style=None,
+                      wsd_decay_frac=None, recipe: Recipe = FALLBACK) -> dict:
+    """Apply command-line overrides (a flag beats the JSON; a JSON value of "auto", or none, takes the
+    preset's `recipe`) and settle everything DeepSpeed cannot decide itself. Returns a new dict."""
     cfg = copy.deepcopy(cfg)
     _settle_batch(cfg, dp, micro_batch_size, grad_accum, global_batch_size)
-    _settle_optimizer(cfg, lr, weight_decay, grad_clip)
-    _settle_schedule(cfg, train_iters, warmup_iters, min_lr)
+    _settle_optimizer(cfg, recipe, optimizer, lr, muon_lr, weight_decay, grad_clip)
+    _settle_schedule(cfg, recipe, train_iters, warmup_iters, min_lr, lr_decay_style, wsd_decay_frac)
     _settle_precision(cfg)
     cfg.setdefault("steps_per_print", 10**9)  # our monitor prints; DeepSpeed's own progress lines are noise
     _settle_zero(cfg, dp)
@@ -73,36 +80,77 @@ def _settle_batch(cfg: dict, dp: int, micro_batch_size, grad_accum, global_batch
     cfg.update(train_micro_batch_size_per_gpu=mbs, gradient_accumulation_steps=gas, train_batch_size=gbs)
 
 
-def _settle_optimizer(cfg: dict, lr, weight_decay, grad_clip) -> None:
-    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    if str(opt.get("type", "")).lower() not in ("adam", "adamw"):
-        raise UserError(f"ds_config optimizer type {opt.get('type')!r} is not supported; use AdamW")
+def _given(d: dict, key: str):
+    """d[key], or None when absent or "auto" (then the recipe decides)."""
+    v = d.get(key)
+    return None if v is None or v == "auto" else v
+
+
+def _pick(flag, d: dict, key: str, default):
+    """A flag beats an explicit JSON value, which beats the recipe's `default`."""
+    if flag is not None:
+        return flag
+    v = _given(d, key)
+    return default if v is None else v
+
+
+def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_decay, grad_clip) -> None:
+    opt = cfg.setdefault("optimizer", {})
+    name = str(_pick(optimizer, opt, "type", recipe.optimizer)).lower()
+    if name not in OPTIMIZER_TYPES:
+        raise UserError(f"ds_config optimizer type {opt.get('type')!r} is not supported; use "
+                        f"{' or '.join(OPTIMIZER_TYPES[o] for o in OPTIMIZERS)}")
+    opt["type"] = OPTIMIZER_TYPES[name]
     params = opt.setdefault("params", {})
-    params.setdefault("lr", 1e-3)
-    if lr is not None:
-        params["lr"] = lr
-    if weight_decay is not None:
-        params["weight_decay"] = weight_decay
+    params["lr"] = float(_pick(lr, params, "lr", recipe.lr))
+    params["weight_decay"] = float(_pick(weight_decay, params, "weight_decay", recipe.weight_decay))
+    if opt["type"] == "Muon":
+        # DeepSpeed's Muon reads `muon_lr` for its matrices and `lr` for its AdamW side
+        params["muon_lr"] = float(_pick(muon_lr, params, "muon_lr", recipe.muon_lr))
+        if uses_optimizer_offload(cfg):
+            raise UserError("Muon with ZeRO optimizer offload is not supported; use --optimizer adamw or a "
+                            "ds_config without offload_optimizer (e.g. ds_configs/zero2.json)")
+    else:
+        if muon_lr is not None:
+            raise UserError("--muon-lr needs --optimizer muon")
+        for key in MUON_ONLY_PARAMS:  # DeepSpeed's CPU Adam (offload) takes no unknown keys
+            params.pop(key, None)
     if grad_clip is not None:
         cfg["gradient_clipping"] = grad_clip
 
 
-def _settle_schedule(cfg: dict, train_iters: int, warmup_iters, min_lr) -> None:
-    """Linear warmup then cosine decay to `cos_min_ratio` x lr over the whole run (`lr_settings`)."""
-    sched = cfg.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
+def _settle_schedule(cfg: dict, recipe: Recipe, train_iters: int, warmup_iters, min_lr, decay_style,
+                     wsd_decay_frac) -> None:
+    """Linear warmup, then cosine (`WarmupCosineLR`) or warmup-stable-decay (`WarmupStableDecayLR`) down to
+    `cos_min_ratio` x lr (the floor of either; the key keeps DeepSpeed's name). Read by `lr_settings`."""
+    sched = cfg.setdefault("scheduler", {})
     sp = sched.setdefault("params", {})
-    if sched.get("type") != "WarmupCosineLR":
-        raise UserError(f"ds_config scheduler type {sched.get('type')!r} is not supported; use WarmupCosineLR "
-                        f"(linear warmup then cosine decay)")
-    if sp.get("total_num_steps", "auto") == "auto":
+    style = decay_style
+    if style is None and _given(sched, "type") is not None:
+        style = {v: k for k, v in SCHEDULER_TYPES.items()}.get(sched["type"])
+        if style is None:
+            raise UserError(f"ds_config scheduler type {sched.get('type')!r} is not supported; use "
+                            f"{' or '.join(SCHEDULER_TYPES.values())} (linear warmup then cosine or "
+                            f"warmup-stable-decay)")
+    style = style or recipe.decay_style
+    if style not in DECAY_STYLES:
+        raise UserError(f"lr decay style {style!r} is not one of {', '.join(DECAY_STYLES)}")
+    sched["type"] = SCHEDULER_TYPES[style]
+    if _given(sp, "total_num_steps") is None:
         sp["total_num_steps"] = train_iters
-    if warmup_iters is not None:
-        sp["warmup_num_steps"] = warmup_iters
-    sp.setdefault("warmup_num_steps", 0)
+    sp["warmup_num_steps"] = int(_pick(warmup_iters, sp, "warmup_num_steps", recipe.warmup_iters(train_iters)))
     lr = cfg["optimizer"]["params"]["lr"]
-    if min_lr is not None:
-        sp["cos_min_ratio"] = min_lr / lr if lr else 0.0
-    sp.setdefault("cos_min_ratio", 0.1)
+    ratio = (min_lr / lr if lr else 0.0) if min_lr is not None else None
+    sp["cos_min_ratio"] = float(_pick(ratio, sp, "cos_min_ratio", recipe.min_lr_ratio))
+    if style == "wsd":
+        frac = float(_pick(wsd_decay_frac, sp, "decay_frac", recipe.wsd_decay_frac))
+        if not 0.0 <= frac <= 1.0:
+            raise UserError(f"--lr-wsd-decay-frac {frac} must be in [0, 1]")
+        sp["decay_frac"] = frac
+    else:
+        if wsd_decay_frac is not None:
+            raise UserError("--lr-wsd-decay-frac needs --lr-decay-style wsd")
+        sp.pop("decay_frac", None)
 
 
 def _settle_precision(cfg: dict) -> None:
@@ -121,17 +169,32 @@ def _settle_zero(cfg: dict, dp: int) -> None:
     """ZeRO shards optimizer state and gradients over data-parallel ranks; with one there is nothing to shard
     and stage 1/2 only adds copies (grads into a contiguous buffer, an fp32 partition, weights copied back).
     The math is the same, so a dp=1 run uses stage 0 (kept with offload, whose point is memory, not
-    sharding)."""
+    sharding).
+
+    Muon keeps ZeRO (stage 1 at least, whatever dp): DeepSpeed's ZeRO 1/2 optimizer is where it runs
+    Newton-Schulz on each full matrix gradient, the one path of DeepSpeed's Muon that every precision
+    shares; without a ZeRO optimizer upstream releases step plain SGD on the matrices (DeepSpeed PR 8442)."""
     zero = cfg.get("zero_optimization") or {}
+    if cfg["optimizer"]["type"] == "Muon":
+        if zero.get("stage", 0) == 0:
+            cfg["zero_optimization"] = {**zero, "stage": 1}
+            cfg["zero_note"] = "stage 0 -> 1: DeepSpeed's Muon orthogonalises inside its ZeRO optimizer"
+        elif zero.get("stage") == 3:
+            raise UserError("Muon with ZeRO stage 3 is not supported here; use stage 1 or 2 (ds_configs/zero2.json)")
+        return
     if dp == 1 and zero.get("stage", 0) in (1, 2) and not uses_optimizer_offload(cfg):
         cfg["zero_optimization"] = {"stage": 0}
         cfg["zero_note"] = f"stage {zero['stage']} -> 0: a single data-parallel rank has nothing to partition"
 
 
 def lr_settings(cfg: dict) -> dict:
+    """The schedule's arguments (`schedule.build_scheduler`): the peak is `lr` (with Muon each group keeps its
+    own peak, `muon_lr` for the matrices, and follows the same shape)."""
     p, s = cfg["optimizer"]["params"], cfg["scheduler"]["params"]
+    wsd = cfg["scheduler"]["type"] == SCHEDULER_TYPES["wsd"]
     return dict(max_lr=float(p["lr"]), min_lr=float(p["lr"]) * float(s["cos_min_ratio"]),
-                warmup_iters=int(s["warmup_num_steps"]), decay_iters=int(s["total_num_steps"]))
+                warmup_iters=int(s["warmup_num_steps"]), decay_iters=int(s["total_num_steps"]),
+                style="wsd" if wsd else "cosine", wsd_decay_frac=float(s.get("decay_frac", 0.0)))
 
 
 def wandb_settings(cfg: dict) -> dict:

@@ -25,10 +25,24 @@ def build_model(config: ModelConfig, dims: ParallelDims, seed: int) -> torch.nn.
     return GPT(config, **kwargs)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def tag_muon_params(model: torch.nn.Module) -> None:
+    """Set `use_muon` on every parameter, which DeepSpeed's Muon reads: True on the hidden matrices
+    (attention q/k/v/o, FFN and expert weights, tensor-parallel shards included), False on embeddings, norms,
+    biases, the MoE router and the output head, which its AdamW side trains (Muon is defined for hidden
+    linear maps; the router and the vocabulary maps are not, as in the Muon write-ups)."""
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    router = {id(p) for m in model.modules() if isinstance(m, TopKGate) for p in m.parameters()}
+    hidden = {id(p) for layer in model.layers for p in layer.parameters() if p.dim() == 2 and id(p) not in router}
+    for p in model.parameters():
+        p.use_muon = id(p) in hidden
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, split_moe: bool = True) -> list[dict]:
     """AdamW groups: decay matrices only — norms, biases and embeddings (the tied head included) keep their
     scale (as in Megatron/nanoGPT). Expert parameters then go to DeepSpeed-MoE's own groups, which ZeRO
-    reduces over the expert-data-parallel group instead of the whole data-parallel group."""
+    reduces over the expert-data-parallel group instead of the whole data-parallel group (split_moe=False
+    leaves that to the caller: Muon splits its halves first)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
@@ -40,13 +54,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
+    if split_moe and any(getattr(p, "allreduce", True) is False for p in model.parameters()):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
 
 
-class NonFiniteSkippingAdamW(torch.optim.AdamW):
-    """AdamW that drops an update whose gradients are not finite (NaN/inf), on every rank together.
+class NonFiniteSkipping:
+    """Mixin for an optimizer: drop an update whose gradients are not finite (NaN/inf), on every rank together.
 
     One bad batch (a loss spike overflowing, a corrupt sample) must not turn every weight into NaN. The
     check sits here, in the optimizer DeepSpeed calls at the accumulation boundary, because only here are the
@@ -66,12 +80,12 @@ class NonFiniteSkippingAdamW(torch.optim.AdamW):
     last_skipped = False
     _global_grad_norm = None
 
-    def __init__(self, params, *, clip_grad: tuple | None = None, **adamw_kwargs):
-        super().__init__(params, **adamw_kwargs)
+    def __init__(self, *args, clip_grad: tuple | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.clip_grad = clip_grad
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, **kwargs):
         if self.clip_grad is not None:
             from deepspeed.runtime.utils import clip_grad_norm_
 
@@ -90,15 +104,38 @@ class NonFiniteSkippingAdamW(torch.optim.AdamW):
         self.last_skipped = bool(bad.item() > 0)
         if self.last_skipped:
             return None
-        return super().step(closure)
+        return super().step(closure, **kwargs)
 
 
-def nonfinite_guard(engine) -> NonFiniteSkippingAdamW | None:
+class NonFiniteSkippingAdamW(NonFiniteSkipping, torch.optim.AdamW):
+    """torch's AdamW with the non-finite guard."""
+
+
+def build_muon(params: list[dict], opt: dict) -> torch.optim.Optimizer:
+    """DeepSpeed's MuonWithAuxAdam with the non-finite guard, on DeepSpeed's own split of `params` (our decay
+    groups) into Muon and AdamW halves by `use_muon` (see `tag_muon_params`), then into DeepSpeed-MoE's
+    expert groups, in the order DeepSpeed's engine splits them. The AdamW side is torch's fused AdamW, as in
+    our AdamW runs; `muon_lr` is the matrices' lr, `lr` the AdamW side's."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    class NonFiniteSkippingMuon(NonFiniteSkipping, MuonWithAuxAdam):
+        pass
+
+    settings = {k: (tuple(v) if k == "betas" else v) for k, v in opt.items()}
+    groups = DeepSpeedEngine._muon_param_groups(params, settings)
+    if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return NonFiniteSkippingMuon(groups, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={"fused": True})
+
+
+def nonfinite_guard(engine) -> NonFiniteSkipping | None:
     """Our optimizer inside `engine` (DeepSpeed keeps the unwrapped one as `basic_optimizer`), whose
     `bad_loss` / `last_skipped` the loop uses; None with optimizer offload (DeepSpeed's CPU Adam, whose
     non-finite steps DeepSpeed's own overflow check skips when gradient clipping computes the norm)."""
     opt = getattr(engine, "basic_optimizer", None)
-    return opt if isinstance(opt, NonFiniteSkippingAdamW) else None
+    return opt if isinstance(opt, NonFiniteSkipping) else None
 
 
 def _deepspeed_wraps_optimizer(cfg: dict) -> bool:
@@ -112,7 +149,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
 
     The optimizer is torch's AdamW (fused kernel on CPU and GPU): DeepSpeed's CPU FusedAdam path costs more
     than it saves here. With optimizer offload DeepSpeed needs its own CPU Adam, so it builds it from the
-    JSON instead. The `scheduler` and `wandb` sections are ours and are not passed on.
+    JSON instead. `"type": "Muon"` is DeepSpeed's MuonWithAuxAdam (`build_muon`), passed as our optimizer
+    because DeepSpeed's own build would re-tag `use_muon` by parameter name, putting the router on Muon.
+    The `scheduler` and `wandb` sections are ours and are not passed on.
     """
     import deepspeed
     from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
@@ -124,8 +163,14 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
     kwargs = {}
     if train:
         opt = cfg["optimizer"]["params"]
-        kwargs["model_parameters"] = param_groups(model, float(opt.get("weight_decay", 0.0)))
-        if not uses_optimizer_offload(cfg):
+        muon = cfg["optimizer"]["type"] == "Muon"
+        kwargs["model_parameters"] = param_groups(model, float(opt.get("weight_decay", 0.0)), split_moe=not muon)
+        if muon:  # always under ZeRO (ds_config._settle_zero), whose wrapper clips and keeps the norm
+            tag_muon_params(model)
+            cfg.pop("optimizer")
+            cfg["zero_allow_untested_optimizer"] = True
+            kwargs["optimizer"] = lambda params: build_muon(params, opt)
+        elif not uses_optimizer_offload(cfg):
             cfg.pop("optimizer")
             cfg["zero_allow_untested_optimizer"] = True
             clip_grad = None

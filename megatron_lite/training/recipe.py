@@ -1,0 +1,46 @@
+"""Per-preset training recipe: what `launch/pretrain.py --model NAME` uses when neither a flag nor the ds_config
+sets the optimizer, learning rates, warmup, decay or weight decay.
+
+Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
+table (the shipped ds_configs leave these entries "auto"). The tiny values are measured (benchmarks/results.md,
+"Training recipe"); the larger presets' follow the usual scaling (a lower peak lr for wider models, and always
+a warmup: a wide model at a small model's lr with no warmup diverges in its first steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPTIMIZERS = ("adamw", "muon")
+DECAY_STYLES = ("cosine", "wsd")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    optimizer: str = "adamw"
+    lr: float = 1e-3  # AdamW's peak lr; with Muon the lr of its AdamW side (embeddings, norms, router, head)
+    muon_lr: float = 0.02  # peak lr of Muon's matrices (units of spectral norm per step)
+    min_lr_ratio: float = 0.1  # the decay's floor, as a fraction of the peak
+    warmup_frac: float = 0.0  # linear warmup over this fraction of --train-iters (at least 1 step when > 0)
+    decay_style: str = "cosine"
+    wsd_decay_frac: float = 0.2  # WSD: the linear decay takes this last fraction of --train-iters
+    weight_decay: float = 0.1
+
+    def warmup_iters(self, train_iters: int) -> int:
+        return max(1, round(self.warmup_frac * train_iters)) if self.warmup_frac > 0 else 0
+
+
+# What a ds_config entry of "auto" means without a preset (SFT, direct resolve_ds_config calls): the values
+# the shipped ds_configs held before they became "auto".
+FALLBACK = Recipe()
+
+RECIPES: dict[str, Recipe] = {
+    "tiny": Recipe(optimizer="adamw", lr=2e-3, warmup_frac=0.05),
+    "tiny-moe": Recipe(optimizer="adamw", lr=2e-3, warmup_frac=0.05),
+    "small": Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05),
+    "mini-llm": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
+    "mini-moe": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
+}
+
+
+def recipe_for(preset: str | None) -> Recipe:
+    return RECIPES.get(preset or "", FALLBACK)
