@@ -1,7 +1,7 @@
 """The main job: the whole pipeline on the embedded default corpus, end to end, no download, no GPU needed.
 
     corpus -> tokenizer -> preprocess (pretrain + SFT) -> pretrain (deepspeed, 2 ranks, ZeRO-2) -> SFT
-    -> evaluate (held-out loss, bits per byte, SFT exact match on held-out arithmetic) -> convert to HF
+    -> evaluate (held-out loss, bits per byte, SFT exact match on held-out arithmetic, per operation) -> convert to HF
     -> sample chats from the exported model with stock transformers -> summary table + loss-curve PNG
 
 Every step runs the same documented command a user would type (printed as it runs), so any step can be
@@ -21,6 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
+
+# The recipe's global batch is RECIPE_RANKS micro-batches; fewer processes accumulate the rest. Dense
+# trains fastest on CPU as DENSE_NPROC single-threaded ranks (benchmarks/main_job_throughput.py).
+RECIPE_RANKS = 2
+DENSE_NPROC = 2
 SAMPLE_QUESTIONS = ["What is 12 + 30?", "What does `json.dumps` do?", "Compute 7 * 8."]
 
 
@@ -28,7 +36,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="runs/quickstart", help="where every artifact goes (default: runs/quickstart)")
     p.add_argument("--moe", action="store_true", help="train MiniMoE (tiny-moe, 4 experts, top-2, expert parallel 2)")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (deepspeed --num_gpus; CPU: gloo ranks)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="training processes (deepspeed --num_gpus; CPU: gloo ranks), sharing the cores as OpenMP "
+                        f"threads; fewer than {RECIPE_RANKS} accumulate gradients so the global batch stays "
+                        f"{RECIPE_RANKS} x the micro-batch (default: {DENSE_NPROC}; --moe needs an even number for "
+                        "expert parallel 2)")
     p.add_argument("--corpus-mb", type=float, default=8.0, help="MB of stdlib text for pretraining (default: 8)")
     p.add_argument("--vocab-size", type=int, default=6400, help="tokenizer vocabulary (default: 6400)")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
@@ -43,7 +55,43 @@ def parse_args(argv=None):
     p.add_argument("--heldout-batches", type=int, default=40, help="batches of 8 held-out samples evaluated (default: 40)")
     p.add_argument("--eval-questions", type=int, default=100, help="held-out arithmetic questions scored (default: 100)")
     p.add_argument("--seed", type=int, default=1234, help="training seed (default: 1234)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.nproc is None:
+        a.nproc = RECIPE_RANKS if a.moe else DENSE_NPROC
+    if a.nproc < 1 or a.moe and a.nproc % 2:
+        raise UserError(f"--nproc must be >= 1{' and even (expert parallel 2)' if a.moe else ''}, got {a.nproc}")
+    return a
+
+
+def free_port() -> int:
+    """A port nobody listens on now, for deepspeed's rendezvous (its default 29500 may be taken)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def question_op(messages: list[dict]) -> str:
+    """The operation ("+", "-" or "x") of the last user question, "other" if it is not `a op b`."""
+    m = re.search(r"\d+ ([-+*]) \d+", next(m["content"] for m in reversed(messages) if m["role"] == "user"))
+    return {"+": "+", "-": "-", "*": "x"}[m.group(1)] if m else "other"
+
+
+def exact_match_by_op(items: list[tuple[list[dict], str]], answers: list[str]) -> dict:
+    """{"correct", "total", "by_op": {op: {"correct", "total"}}} for (messages, expected) items and replies."""
+    by_op: dict[str, dict[str, int]] = {}
+    for (messages, expected), answer in zip(items, answers, strict=True):
+        row = by_op.setdefault(question_op(messages), {"correct": 0, "total": 0})
+        row["correct"] += answer.strip() == expected
+        row["total"] += 1
+    order = {op: i for i, op in enumerate(["+", "-", "x", "other"])}
+    by_op = dict(sorted(by_op.items(), key=lambda kv: order[kv[0]]))
+    return {"correct": sum(r["correct"] for r in by_op.values()), "total": len(items), "by_op": by_op}
+
+
+def format_by_op(scores: dict) -> str:
+    return "  ".join(f"{op} {r['correct']}/{r['total']}" for op, r in scores["by_op"].items())
 
 
 class Pipeline:
@@ -52,7 +100,7 @@ class Pipeline:
         self.work = Path(args.work_dir).resolve()
         self.timings: list[tuple[str, float]] = []
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-        # One OpenMP thread per rank when the ranks share the machine's cores.
+        # The ranks share the machine's cores: cores / ranks OpenMP threads each.
         self.train_env = {**self.env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
 
     def run(self, name: str, cmd: list[str], env=None, capture=False) -> str:
@@ -69,7 +117,9 @@ class Pipeline:
 
     def deepspeed(self, script: str, extra: list[str]) -> list[str]:
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        return [launcher, "--num_gpus", str(self.args.nproc), script, "--deepspeed", "ds_configs/zero2.json", *extra]
+        accum = max(1, RECIPE_RANKS // self.args.nproc)
+        return [launcher, "--num_gpus", str(self.args.nproc), "--master_port", str(free_port()), script,
+                "--deepspeed", "ds_configs/zero2.json", *(["--grad-accum", str(accum)] if accum > 1 else []), *extra]
 
     def model_flags(self) -> list[str]:
         if self.args.moe:
@@ -137,7 +187,7 @@ class Pipeline:
         return loss_nats * n_tokens / n_bytes / math.log(2)
 
     def score_arithmetic(self) -> dict:
-        """Exact match of greedy answers to held-out single-turn arithmetic questions."""
+        """Exact match of greedy answers to held-out single-turn arithmetic questions, in total and per operation."""
         from megatron_lite.inference.loading import load_model
         from megatron_lite.inference.chat import chat
 
@@ -152,14 +202,14 @@ class Pipeline:
                 if re.fullmatch(r"-?\d+", conv[i]["content"]):
                     items.append((conv[:i], conv[i]["content"]))
         items = items[: self.args.eval_questions]
-        correct = 0
+        answers = []
         for start in range(0, len(items), 16):
             batch = items[start:start + 16]
-            outs = chat(model, tok, [m for m, _ in batch], greedy=True, max_new_tokens=8)
-            correct += sum(o.text.strip() == ans for o, (_, ans) in zip(outs, batch))
+            answers += [o.text for o in chat(model, tok, [m for m, _ in batch], greedy=True, max_new_tokens=8)]
         self.timings.append(("SFT exact match", time.perf_counter() - t))
-        print(f"exact match: {correct}/{len(items)}")
-        return {"correct": correct, "total": len(items)}
+        scores = exact_match_by_op(items, answers)
+        print(f"exact match: {scores['correct']}/{scores['total']} ({format_by_op(scores)})")
+        return scores
 
     def sample_chats_with_transformers(self) -> list[tuple[str, str]]:
         """Chat with the exported folder through stock transformers only (no megatron_lite code)."""
@@ -220,6 +270,7 @@ class Pipeline:
             ("SFT loss (first -> last logged)", f"{sft[0]['loss']:.3f} -> {sft[-1]['loss']:.3f}"),
             ("SFT exact match (held-out arithmetic)",
              f"{self.exact_match['correct']}/{self.exact_match['total']}"),
+            ("SFT exact match by operation", format_by_op(self.exact_match)),
             ("pretrain tokens/s (last logged)", f"{pre[-1].get('tokens_per_s', float('nan')):,.0f}"),
             ("HF export", str(self.work / "hf")),
             ("loss curves", str(self.png)),
@@ -238,4 +289,6 @@ class Pipeline:
 
 
 if __name__ == "__main__":
-    Pipeline(parse_args()).main()
+    with exit_on_user_error("main_job.py"):
+        args = parse_args()
+    Pipeline(args).main()

@@ -2,6 +2,7 @@
 step's real command, 2 gloo ranks, then the artifacts a user reads (summary, loss-curve PNG, HF folder)."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,9 @@ def test_main_job_end_to_end_at_toy_size(tmp_path, variant):
     assert last < first - 0.5  # it learned something
     assert 0 < summary["heldout"]["bits_per_byte"] < 8 and math.isfinite(summary["heldout"]["loss"])
     assert summary["exact_match"]["total"] == 5 and len(summary["samples"]) == 3
+    by_op = summary["exact_match"]["by_op"]
+    assert set(by_op) <= {"+", "-", "x"} and sum(r["total"] for r in by_op.values()) == 5
+    assert sum(r["correct"] for r in by_op.values()) == summary["exact_match"]["correct"]
     png = (work / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -43,3 +47,40 @@ def test_main_job_end_to_end_at_toy_size(tmp_path, variant):
     ids = torch.randint(3, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=0, atol=1e-4)
+
+
+def _main_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("main_job", REPO / "launch/main_job.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_exact_match_is_scored_per_operation():
+    import random
+
+    from megatron_lite.data.corpus import arithmetic_question
+
+    mj = _main_job()
+    # Every question the corpus generates is attributed to the operation that produced its answer.
+    rng = random.Random(0)
+    for _ in range(200):
+        q, ans = arithmetic_question(rng)
+        a, b = map(int, re.findall(r"\d+", q))
+        assert {"+": a + b, "-": a - b, "x": a * b}[mj.question_op([{"role": "user", "content": q}])] == int(ans)
+
+    def item(q, ans, system=False):
+        return ([{"role": "system", "content": "Answer with the number only."}] if system else []) + \
+            [{"role": "user", "content": q}], ans
+
+    items = [item("What is 123 + 456?", "579"), item("Compute 999 + 1.", "1000", system=True),
+             item("Calculate 5 - 712.", "-707"), item("7 - 7 = ?", "0"), item("What do you get for 12 * 34?", "408"),
+             item("What does `json.dumps` do?", "4")]
+    answers = [" 579\n", "100", "-707", "0", "480", "4"]
+    scores = mj.exact_match_by_op(items, answers)
+    assert scores == {"correct": 4, "total": 6, "by_op": {"+": {"correct": 1, "total": 2}, "-": {"correct": 2, "total": 2},
+                                                          "x": {"correct": 0, "total": 1},
+                                                          "other": {"correct": 1, "total": 1}}}
+    assert mj.format_by_op(scores) == "+ 1/2  - 2/2  x 0/1  other 1/1"

@@ -1,11 +1,12 @@
-"""Tokenizer: HF loading, exact round trips, ChatML template and the SFT loss mask."""
+"""Tokenizer: HF loading, exact round trips, digit splitting, ChatML template and the SFT loss mask."""
+import re
 import subprocess
 import sys
 
 import pytest
 
 from megatron_lite.data.chat_format import CHAT_TEMPLATE, MessageError, encode_chat, normalize_messages, render_chat
-from megatron_lite.data.tokenizer import load_tokenizer, train_tokenizer
+from megatron_lite.data.tokenizer import load_backend, load_tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
 TRAIN = [f"def f{i}(x):\n    return x + {i}  # 你好世界 😀 hello world\n" for i in range(400)]
@@ -39,11 +40,38 @@ def test_loads_with_autotokenizer_and_special_tokens(tok):
     assert t.encode("<|im_start|>user")[0] == 1
 
 
-@pytest.mark.parametrize("text", ["你好, world! 😀 ñ", "x  y\n\n\tz ", "龘 never seen 🦄🦄", "return x + 1"])
+NUMBERS_CODE = ["What is 123 + 4567? -89 * 10 = -890", "x = 3.14159e-10 + 0x1F  # 1,234,567 ≈ 1.2M 🦄",
+                "def f400(x):\n    return x[12:345] + {0: '007'}  # 你好 2026\n", "٣٤ and 12٣", "99999999999999999999"]
+
+
+@pytest.mark.parametrize("text", ["你好, world! 😀 ñ", "x  y\n\n\tz ", "龘 never seen 🦄🦄", "return x + 1",
+                                  *NUMBERS_CODE])
 def test_round_trip_exact(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.unk_token_id not in ids  # bytes (bpe) or byte fallback (sentencepiece): no <unk>
+
+
+def test_digits_are_single_tokens_and_loaders_agree(tok):
+    from transformers import AutoTokenizer
+
+    # No merge spans two digits, so every number is spelled digit by digit (<0xNN>: byte-fallback pieces).
+    def text_pieces(pieces):
+        return [p for p in pieces if not re.fullmatch(r"<0x..>", p)]
+
+    assert not [t for t in text_pieces(tok.get_vocab()) if re.search(r"[0-9][0-9]", t)]
+    assert [p for p in text_pieces(tok.tokenize("What is 123 + 4567?")) if re.search(r"[0-9]", p)] == [*"1234567"]
+    # The saved folder gives the same ids through stock transformers, our loader and the bare backend.
+    hf, (backend, _) = AutoTokenizer.from_pretrained(tok.name_or_path), load_backend(tok.name_or_path)
+    for text in NUMBERS_CODE:
+        assert hf.encode(text) == tok.encode(text) == backend.encode(text).ids
+        assert hf.decode(hf.encode(text)) == text
+
+
+def test_no_split_digits_lets_bpe_merge_numbers(tmp_path):
+    tok = train_tokenizer(iter(TRAIN), 400, str(tmp_path), split_digits=False)
+    assert [t for t in tok.get_vocab() if re.search(r"[0-9][0-9]", t)]
+    assert load_tokenizer(str(tmp_path)).decode(tok.encode(NUMBERS_CODE[0])) == NUMBERS_CODE[0]
 
 
 def test_chat_template_renders_chatml(tok):

@@ -2,7 +2,7 @@
 """Train a tokenizer on JSONL text and save it as a Hugging Face tokenizer directory.
 
     python tools/train_tokenizer.py --input F.jsonl [--json-keys text] --vocab-size N --output-dir DIR \\
-        [--type bpe|sentencepiece]
+        [--type bpe|sentencepiece] [--no-split-digits]
 
 DIR then loads with `transformers.AutoTokenizer.from_pretrained(DIR)`; it has the special tokens
 <unk>, <|im_start|>, <|im_end|> (EOS/PAD/end-of-document) and a ChatML chat template.
@@ -30,13 +30,16 @@ def main(argv=None):
     p.add_argument("--type", choices=["bpe", "sentencepiece"], default="bpe",
                    help="bpe: byte-level BPE (GPT-2 style, default); sentencepiece: Llama-style BPE "
                         "with metaspace and byte fallback")
+    p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=True,
+                   help="make every digit 0-9 its own token, as Llama and DeepSeek do, so numbers are always "
+                        "seen digit by digit (default: on; --no-split-digits lets BPE merge digit runs)")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
     args = p.parse_args(argv)
     with exit_on_user_error("train_tokenizer.py"):
         from megatron_lite.data.tokenizer import train_tokenizer_from_jsonl
 
         train_tokenizer_from_jsonl(args.input, args.json_keys, args.vocab_size, args.output_dir, kind=args.type,
-                                   min_frequency=args.min_frequency)
+                                   min_frequency=args.min_frequency, split_digits=args.split_digits)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Two tokenizer types, both trained with HF `tokenizers` and saved as a `PreTraine
   pieces for characters never seen in training). Trained by `tokenizers` rather than the
   `sentencepiece` library because transformers 5 no longer converts `.model` files on load.
 
+Both split numbers into single digits by default (``split_digits``, as Llama and DeepSeek do): "345" is
+always the three tokens 3, 4, 5 instead of whatever merges the corpus happened to favour, so a model sees
+every number digit by digit in the same way and arithmetic is learnable.
+
 Special tokens: ``<unk>`` (id 0), ``<|im_start|>`` (1) and ``<|im_end|>`` (2). ``<|im_end|>`` is EOS,
 PAD and the end-of-document token that `preprocess_data.py --append-eod` appends.
 """
@@ -24,19 +28,24 @@ UNK = "<unk>"
 SPECIAL_TOKENS = [UNK, IM_START, IM_END]
 
 
-def _build_backend(kind: str):
+def _build_backend(kind: str, split_digits: bool = True):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+    # Isolating every digit as its own pre-token means no merge can ever span two digits.
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.normalizer = normalizers.NFKC()
         # add_prefix_space=False keeps encode(a) + encode(b) == encode(a + b) at whitespace boundaries.
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [*digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
         tok.decoder = decoders.ByteLevel()
     elif kind == "sentencepiece":
         tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
         tok.normalizer = normalizers.NFKC()
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        # Digits after the metaspace, so " 12" is "▁", "1", "2" as in SentencePiece's split_digits (Llama).
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), *digits])
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     else:
@@ -45,8 +54,10 @@ def _build_backend(kind: str):
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str, kind: str = "bpe",
-                    min_frequency: int = 2, length: int | None = None):
+                    min_frequency: int = 2, length: int | None = None, split_digits: bool = True):
     """Train on an iterator of strings (streamed; never materialised) and save to `output_dir`.
+
+    `split_digits` (default) makes every digit its own token; False lets BPE merge digit runs.
 
     Returns the saved tokenizer as a `PreTrainedTokenizerFast`.
     """
@@ -56,7 +67,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str, kind
     if vocab_size < n_reserved + 256 and kind == "bpe" or vocab_size <= n_reserved:
         raise UserError(f"--vocab-size {vocab_size} is too small for a {kind} tokenizer; use at least "
                         f"{n_reserved + 256 if kind == 'bpe' else n_reserved + 1}")
-    tok = _build_backend(kind)
+    tok = _build_backend(kind, split_digits)
     if kind == "bpe":
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -168,7 +179,7 @@ def iter_jsonl_texts(path: str, keys: list[str]) -> Iterator[str]:
 
 
 def train_tokenizer_from_jsonl(paths: list[str], json_keys: list[str], vocab_size: int, output_dir: str,
-                               kind: str = "bpe", min_frequency: int = 2):
+                               kind: str = "bpe", min_frequency: int = 2, split_digits: bool = True):
     """tools/train_tokenizer.py: train on the `json_keys` strings of JSONL files, with a progress bar."""
     import sys
 
@@ -192,6 +203,7 @@ def train_tokenizer_from_jsonl(paths: list[str], json_keys: list[str], vocab_siz
             if n == 0:
                 raise UserError(f"no text found under --json-keys {' '.join(json_keys)} in {' '.join(paths)}")
 
-    tok = train_tokenizer(texts(), vocab_size, output_dir, kind=kind, min_frequency=min_frequency)
+    tok = train_tokenizer(texts(), vocab_size, output_dir, kind=kind, min_frequency=min_frequency,
+                          split_digits=split_digits)
     print(f"train_tokenizer: saved {kind} tokenizer with {len(tok)} tokens to {output_dir}", file=sys.stderr)
     return tok
