@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory and speed of the reference sizes on 2 CPU ranks with ZeRO-2, with and without activation checkpointing.
 
-    python benchmarks/scale.py            # small at micro batch 8 x 512 both ways, mini-llm a few steps, fit arithmetic
+    python benchmarks/scale.py            # small at micro batch 8 x 512 both ways, mini-llm at 1 x 512, fit arithmetic
     python benchmarks/scale.py --quick    # tiny at 4 x 256 both ways (a minute or two), arithmetic
     python benchmarks/scale.py --presets small --steps 2
 
@@ -101,17 +101,19 @@ def worker(a) -> None:
     peak_until_now = proc_status()["VmHWM"]
     base = proc_status()["VmRSS"]
     reset_peak_rss()
-    times = []
+    times, cpu = [], []
     for _ in range(a.steps):
         dist.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     st = proc_status()
     me = {"rank": rank, "rss_after_build": rss_built, "rss_before_steps": base,
           "peak_rss": max(peak_until_now, st["VmHWM"]), "step_peak": st["VmHWM"],
           "step_peak_over_base": st["VmHWM"] - base, "first_step_s": first_step_s,
-          "step_s": statistics.median(times), "step_times": times, **mem}
+          "step_s": statistics.median(times), "step_times": times,
+          "step_cpu_s": statistics.median(cpu), **mem}
     ranks = [None] * world
     dist.all_gather_object(ranks, me)
     if rank == 0:
@@ -119,7 +121,8 @@ def worker(a) -> None:
             json.dump({"preset": a.preset, "world": world, "dp": dims.dp, "ep": dims.ep,
                        "micro_batch": a.micro_batch, "seq_length": a.seq_length,
                        "checkpoint_activations": a.checkpoint_activations, "params": config.num_params(),
-                       "step_s": max(r["step_s"] for r in ranks), "ranks": ranks}, f)
+                       "step_s": max(r["step_s"] for r in ranks),
+                       "step_cpu_s": max(r["step_cpu_s"] for r in ranks), "ranks": ranks}, f)
 
 
 def launch_variant(preset: str, micro_batch: int, seq: int, steps: int, ckpt: bool, ep: int, tmp: str) -> dict:
@@ -198,7 +201,8 @@ def summary(r: dict) -> dict:
             "optimizer_state_per_rank": [x["optimizer_state"] for x in ranks],
             "master_weights_per_rank": [x["master_weights"] for x in ranks],
             "grad_partition_per_rank": [x["grad_partition"] for x in ranks],
-            "model_weights_per_rank": [x["model_weights"] for x in ranks], "step_s": r["step_s"]}
+            "model_weights_per_rank": [x["model_weights"] for x in ranks], "step_s": r["step_s"],
+            "step_cpu_s": r["step_cpu_s"]}
 
 
 def run(presets, micro_batch, seq, steps, mini_llm_batch, results_dir=None, log=print) -> dict:
@@ -215,12 +219,14 @@ def run(presets, micro_batch, seq, steps, mini_llm_batch, results_dir=None, log=
                 log(f"  {preset} {mb}x{seq} {'--checkpoint-activations' if ckpt else 'plain                   '}: "
                     f"peak RSS {max(s['peak_rss_per_rank']) / GIB:.2f} GiB, step adds "
                     f"{max(s['step_peak_over_base_per_rank']) / GIB:.2f} GiB, AdamW moments "
-                    f"{max(s['optimizer_state_per_rank']) / 2**20:.0f} MiB per rank, {s['step_s']:.1f} s/step")
+                    f"{max(s['optimizer_state_per_rank']) / 2**20:.0f} MiB per rank, {s['step_s']:.1f} s/step "
+                    f"({s['step_cpu_s']:.1f} s CPU)")
             plain, ck = entry["plain"], entry["checkpoint_activations"]
             act = max(ck["step_peak_over_base_per_rank"]) / max(plain["step_peak_over_base_per_rank"])
             entry["step_memory_ratio"] = act
             entry["peak_rss_ratio"] = max(ck["peak_rss_per_rank"]) / max(plain["peak_rss_per_rank"])
             entry["step_time_ratio"] = ck["step_s"] / plain["step_s"]
+            entry["step_cpu_time_ratio"] = ck["step_cpu_s"] / plain["step_cpu_s"]
             result["presets"][preset] = entry
             label = f"scale {preset} ({mb}x{seq}, 2 ranks ZeRO-2)"
             result["rows"].append(row(f"{label}: step memory over base, checkpointed / plain",
@@ -232,7 +238,8 @@ def run(presets, micro_batch, seq, steps, mini_llm_batch, results_dir=None, log=
                                       max(ck["peak_rss_per_rank"]), max(plain["peak_rss_per_rank"]), "bytes",
                                       higher_is_better=False))
             result["rows"].append(row(f"{label}: s/step, checkpointed / plain", ck["step_s"], plain["step_s"],
-                                      "s", higher_is_better=False))
+                                      "s", higher_is_better=False,
+                                      ratio_cpu_time=ck["step_cpu_s"] / plain["step_cpu_s"]))
     # runtime + activations of one rank, from the largest model measured (checkpointed): what is not ZeRO state
     from megatron_lite.config import get_preset
     biggest = max(result["presets"], key=lambda p: get_preset(p).num_params())
@@ -250,7 +257,7 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=None, help="presets to measure (default: small mini-llm)")
     p.add_argument("--micro-batch", type=int, default=None, help="samples per rank (default 8; quick 4)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default 512; quick 256)")
-    p.add_argument("--mini-llm-batch", type=int, default=2, help="samples per rank for mini-llm")
+    p.add_argument("--mini-llm-batch", type=int, default=1, help="samples per rank for mini-llm")
     p.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
     p.add_argument("--results-dir", default=None, help="where scale.json goes (default benchmarks/results)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
