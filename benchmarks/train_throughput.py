@@ -296,12 +296,12 @@ def worker_dp(a) -> None:
                        "step_s": float(t), "tokens_per_s": world * a.micro_batch * a.seq_length / float(t)}, f)
 
 
-def launch(args: list, world: int, env: dict, tries: int = 3) -> subprocess.CompletedProcess:
-    """Run this script with `args` as 1 process or as `world` gloo ranks (torch.distributed.run, static
-    rendezvous on a free port). Retried: on a shared machine another job can take the port first."""
+def launch(args: list, world: int, env: dict, tries: int = 3, script: str | None = None) -> subprocess.CompletedProcess:
+    """Run this script (or `script`) with `args` as 1 process or as `world` gloo ranks (torch.distributed.run,
+    static rendezvous on a free port). Retried: on a shared machine another job can take the port first."""
     from megatron_lite.parallel import free_port
 
-    me = os.path.abspath(__file__)
+    me = script or os.path.abspath(__file__)
     # This process may itself be a world of one (single_process_dims): its RANK/MASTER_PORT must not leak into
     # the children, or they would all try to serve the store on this process's port.
     env = {k: v for k, v in env.items() if k not in DIST_ENV}

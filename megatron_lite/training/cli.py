@@ -23,6 +23,7 @@ from megatron_lite.data.sft_dataset import build_sft_datasets, sft_prefixes
 from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.errors import UserError, exit_on_user_error
 from megatron_lite.parallel import ParallelDims, init_distributed
+from megatron_lite.training.activation_checkpointing import checkpoint_blocks
 from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
 from megatron_lite.training.engine import build_engine, build_model
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, train
@@ -132,6 +133,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="torch.compile the model (fuses RMSNorm/RoPE/SwiGLU elementwise work; the first steps "
                         "pay for compiling, so it helps long runs: see benchmarks/results.md; checkpoints are "
                         "unchanged)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each transformer block's activations during backward instead of keeping them "
+                        "(Megatron's flag): far less activation memory for about one more forward pass per step; "
+                        "same losses, works with --tp, --ep and --compile, checkpoints unchanged")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -277,6 +282,8 @@ def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims
         # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
         # any tp / ep layout (or converted from HF) and keeps this rank's shard and experts.
         load_weights_into(model, a.pretrained)
+    if a.checkpoint_activations:
+        checkpoint_blocks(model)  # before compile, which then traces the recompute regions
     if a.compile:
         model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
     return build_engine(model, ds_config, dims)
