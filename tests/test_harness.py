@@ -51,17 +51,23 @@ def _mc_choice(model, tok, item) -> tuple[int, int]:
     return max(range(len(lls)), key=lls.__getitem__), max(range(len(norm)), key=norm.__getitem__)
 
 
-def test_lm_eval_runs_local_tasks_and_matches_our_bits_per_byte(export, tmp_path):
+@pytest.fixture(scope="module")
+def harness_json(export):
+    """launch/eval.py --harness on the export, all three local tasks, LIMIT documents each."""
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import eval as launch_eval
 
+    out = export[0].parent / "results.json"
+    launch_eval.main(["--harness", "--hf", str(export[0]), "--output", str(out), "--limit", str(LIMIT),
+                      "--batch-size", "16"])
+    return out
+
+
+def test_lm_eval_runs_local_tasks_and_matches_our_bits_per_byte(export, harness_json):
     from megatron_lite.eval.bits_per_byte import document_bits_per_byte
 
     hf, model, tok = export
-    out = tmp_path / "results.json"
-    launch_eval.main(["--harness", "--hf", str(hf), "--output", str(out), "--limit", str(LIMIT),
-                      "--batch-size", "16"])
-    res = json.loads(out.read_text())["results"]
+    res = json.loads(harness_json.read_text())["results"]
     assert set(res) == {"ml_arithmetic", "ml_docstring_mc", "ml_heldout_bpb"}
     assert all(r["sample_len"] == LIMIT for r in res.values())
 
@@ -131,3 +137,32 @@ def test_bad_input_is_one_line(export, tmp_path, args, message):
     lines = [ln for ln in p.stderr.splitlines() if "real_accelerator" not in ln]
     assert p.returncode != 0 and lines[-1].startswith("launch/eval.py: error: ") and message in lines[-1], p.stderr
     assert "Traceback" not in p.stderr and not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_report_card_reads_the_run_files(export, harness_json, tmp_path):
+    from megatron_lite.eval.report import write_report
+
+    hf, model, _ = export
+    work = tmp_path / "run"
+    (work / "ckpt").mkdir(parents=True)
+    model.config.save(work / "ckpt/model_config.json")
+    rows = [{"step": 5, "loss": 8.0, "tokens_per_s": 900.0}, {"step": 10, "loss": 5.5, "tokens_per_s": 1234.4},
+            {"step": 10, "eval_loss": 5.7}]
+    (work / "ckpt/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"rows": {"held-out bits per byte": "2.345", "model": "x"}, "timings_s": {"pretrain": 3.0, "SFT": 1.5},
+               "samples": [["What is 1 + 1?", "2"]]}
+    (work / "summary.json").write_text(json.dumps(summary))
+    (work / "loss_curves.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (work / "c.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    out = write_report(work, title="run", command=["python", "launch/main_job.py"], stages={"pretrain": work / "ckpt"},
+                       model_ckpt=work / "ckpt", hf_dir=hf, data={"corpus": work / "c.jsonl"},
+                       harness=json.loads(harness_json.read_text()), png=work / "loss_curves.png")
+    text = out.read_text()
+    bpb = json.loads(harness_json.read_text())["results"]["ml_heldout_bpb"]["bits_per_byte,none"]
+    assert f"| ml_heldout_bpb | bits_per_byte | {bpb:.4f} | - |" in text
+    assert "| pretrain | 10 | 8.000 -> 5.500 | 5.700 | 1,234 |" in text
+    assert "| total | 4.5 |" in text and "| held-out bits per byte | 2.345 |" in text and "| corpus | 2 |" in text
+    n = sum(p.numel() for p in model.parameters())
+    assert f"| parameters | {n / 1e6:.2f} M |" in text
+    assert "**assistant:** 2" in text and "![loss curves](loss_curves.png)" in text
+    assert not list(work.glob("*.tmp"))
