@@ -21,8 +21,10 @@ extras_require = {
     "gpu": ["flash-attn>=2.6"],
     "app": ["streamlit>=1.40"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
+    # lm-eval's `--model hf` needs accelerate; both accept the CPU torch already installed (no CUDA wheel).
+    "eval": ["lm-eval>=0.4.13", "accelerate>=1.0"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core>=0.12", "openai>=1.40", "streamlit>=1.40",
-            "fastapi>=0.110", "uvicorn>=0.30"],
+            "fastapi>=0.110", "uvicorn>=0.30", "lm-eval>=0.4.13", "accelerate>=1.0"],
 }
 
 setup(
@@ -34,6 +36,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
+    # lm-eval reads the local task YAMLs (and the loader module they name) from the installed package.
+    package_data={"megatron_lite.eval": ["tasks/*.yaml", "tasks/*.py"]},
     install_requires=install_requires,
     extras_require=extras_require,
 )

@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Loss and perplexity of a checkpoint on a split of a dataset.
+"""Loss and perplexity of a checkpoint on a split of a dataset, or lm-evaluation-harness tasks on an HF export.
 
     python launch/eval.py --load CKPT --data-path P_text_document [--split 969,30,1] [--splits valid test]
     deepspeed --num_gpus 2 launch/eval.py --load CKPT --data-path P_text_document --ep 2   # MoE, experts sharded
+    python launch/eval.py --harness --hf HFDIR --output F.json [--tasks ml_arithmetic ml_docstring_mc ml_heldout_bpb]
 
-Prints one JSON object per split: {"split", "loss", "ppl", "samples", "step"}; --output appends them to a file.
-The model, tokenizer and weights all come from CKPT (model_config.json + DeepSpeed checkpoint, experts included).
+Loss mode prints one JSON object per split: {"split", "loss", "ppl", "samples", "step"}; --output appends them
+to a file. The model, tokenizer and weights all come from CKPT (model_config.json + DeepSpeed checkpoint,
+experts included).
+
+Harness mode runs EleutherAI's lm_eval (`--model hf`) on HFDIR (tools/convert_to_hf.py) with the local tasks
+shipped in megatron_lite/eval/tasks, which read the embedded corpus' held-out data (no download); any other
+task name (hellaswag, arc_easy, ...) comes from lm_eval's registry. --output gets lm_eval's results JSON
+(`results.TASK["METRIC,FILTER"]`, e.g. results.ml_heldout_bpb["bits_per_byte,none"]).
 """
 import argparse
 import json
@@ -17,8 +24,10 @@ from megatron_lite.errors import UserError, exit_on_user_error
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch/eval.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint folder (its 'latest' is evaluated)")
-    p.add_argument("--data-path", nargs="+", required=True, help="dataset prefix or Megatron blend 'W1 P1 W2 P2'")
+    p.add_argument("--load", default=None, help="checkpoint folder (its 'latest' is evaluated); required "
+                   "without --harness")
+    p.add_argument("--data-path", nargs="+", default=None, help="dataset prefix or Megatron blend 'W1 P1 W2 P2'; "
+                   "required without --harness")
     p.add_argument("--sft", action="store_true", help="the data is SFT data (preprocess_data.py --chat): "
                    "loss on assistant tokens only")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
@@ -32,13 +41,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-iters", type=int, default=10, help="batches of micro x ranks samples per split")
     p.add_argument("--seed", type=int, default=1234, help="data shuffle seed (use the training seed)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE)")
-    p.add_argument("--output", default=None, help="append the result lines to this JSONL file")
+    p.add_argument("--output", default=None, help="append the result lines to this JSONL file (with --harness: "
+                   "write lm_eval's results JSON to this file)")
+    h = p.add_argument_group("lm-evaluation-harness (--harness)")
+    h.add_argument("--harness", action="store_true", help="run EleutherAI's lm_eval on the HF export --hf "
+                   "instead of the loss evaluation")
+    h.add_argument("--hf", default=None, help="HF model folder (tools/convert_to_hf.py --output)")
+    h.add_argument("--tasks", nargs="+", default=None, help="lm_eval task names; default: the local tasks "
+                   "ml_arithmetic (held-out arithmetic, exact match), ml_docstring_mc (stdlib docstring "
+                   "multiple choice, acc) and ml_heldout_bpb (held-out stdlib files, bits per byte); other "
+                   "names come from lm_eval's registry and download their data")
+    h.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task "
+                   "(quick checks; scores on a subset are not comparable)")
+    h.add_argument("--batch-size", type=int, default=8, help="lm_eval batch size")
+    h.add_argument("--device", default=None, help="torch device for lm_eval (default: cuda if available, else cpu)")
+    h.add_argument("--dtype", default=None, help="model dtype for lm_eval (default: float32 on cpu, else the "
+                   "folder's own dtype)")
+    h.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                   help="wrap prompts in the tokenizer's chat template: auto = when the tokenizer has one (our "
+                   "exports are fine-tuned on ChatML and the local tasks ask its user turns)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def main(argv=None) -> list:
+def run_harness(a) -> dict:
+    from megatron_lite.eval.harness import run_harness as run
+
+    if a.hf is None:
+        raise UserError("--harness needs --hf HFDIR (an HF export: tools/convert_to_hf.py --load CKPT --output HFDIR)")
+    results = run(a.hf, a.tasks, a.output, limit=a.limit, batch_size=a.batch_size, device=a.device,
+                  dtype=a.dtype, chat_template={"auto": None, "on": True, "off": False}[a.chat_template])
+    if results:
+        from lm_eval.utils import make_table
+
+        print(make_table(results))
+        if a.output:
+            print(f"results: {a.output}")
+    return results
+
+
+def main(argv=None) -> list | dict:
     a = build_parser().parse_args(argv)
+    if a.harness:
+        return run_harness(a)
+    if a.hf is not None:
+        raise UserError("--hf is for --harness; the loss evaluation reads our checkpoint: --load CKPT")
+    for flag, v in (("--load", a.load), ("--data-path", a.data_path)):
+        if v is None:
+            raise UserError(f"{flag} is required (or evaluate an HF export with --harness --hf HFDIR)")
     for flag, v in (("--seq-length", a.seq_length), ("--micro-batch-size", a.micro_batch_size),
                     ("--eval-iters", a.eval_iters), ("--ep", a.ep)):
         if v < 1:

@@ -143,6 +143,46 @@ def stdlib_qa():
                          {"role": "assistant", "content": summary}]
 
 
+# ---------------------------------------------------------------- held-out evaluation items
+# The same held-out rows write_corpus puts in the *_valid files (same budget, count and seed), as Python
+# objects for evaluators (megatron_lite/eval/) that must not depend on a corpus folder on disk.
+
+def heldout_documents(pretrain_mb: float = 8.0, seed: int = 0) -> list[str]:
+    """The texts of pretrain_valid.jsonl, in its order."""
+    return [text for key, text in stdlib_documents(int(pretrain_mb * 1e6), seed) if _held_out(key)]
+
+
+def heldout_arithmetic(sft_arith: int = 4000, seed: int = 0) -> list[tuple[str, str]]:
+    """(question, answer) of the first turn of every held-out arithmetic conversation of sft_valid.jsonl."""
+    out = []
+    for q, turns in arithmetic_conversations(sft_arith, seed):
+        if _held_out(q):
+            out.append((q, next(t["content"] for t in turns if t["role"] == "assistant")))
+    return out
+
+
+def heldout_docstring_choices(n_choices: int = 4, seed: int = 0) -> list[dict]:
+    """Multiple-choice items from the held-out stdlib Q&A: {"name", "question", "choices", "gold"}.
+
+    The right choice is the function's docstring summary; the distractors are summaries of other functions
+    (drawn from all of them, so each is a real answer the model may have seen, just not to this question).
+    The draw and the right answer's position are seeded by the function name: items are stable."""
+    if n_choices < 2:
+        raise UserError(f"n_choices must be >= 2, got {n_choices}")
+    qa = [(name, turns[0]["content"], turns[1]["content"]) for name, turns in stdlib_qa()]
+    summaries = sorted({s for _, _, s in qa})
+    items = []
+    for name, question, answer in qa:
+        if not _held_out(name, 10):
+            continue
+        rng = random.Random(f"{seed}:{name}")
+        wrong = rng.sample([s for s in summaries if s != answer], n_choices - 1)
+        gold = rng.randrange(n_choices)
+        items.append({"name": name, "question": question, "choices": wrong[:gold] + [answer] + wrong[gold:],
+                      "gold": gold})
+    return items
+
+
 # ---------------------------------------------------------------- writer
 
 def write_corpus(output_dir: str, pretrain_mb: float = 8.0, sft_arith: int = 4000, seed: int = 0) -> dict:
