@@ -22,7 +22,7 @@ extras_require = {
     "app": ["streamlit>=1.40"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.30"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core>=0.12", "openai>=1.40", "streamlit>=1.40",
-            "fastapi>=0.110", "uvicorn>=0.30"],
+            "fastapi>=0.110", "uvicorn>=0.30", "selenium>=4.20"],
 }
 
 setup(
