@@ -24,7 +24,7 @@ extras_require = {
     # lm-eval's `--model hf` needs accelerate; both accept the CPU torch already installed (no CUDA wheel).
     "eval": ["lm-eval>=0.4.13", "accelerate>=1.0"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core>=0.12", "openai>=1.40", "streamlit>=1.40",
-            "fastapi>=0.110", "uvicorn>=0.30", "lm-eval>=0.4.13", "accelerate>=1.0"],
+            "fastapi>=0.110", "uvicorn>=0.30", "lm-eval>=0.4.13", "accelerate>=1.0", "selenium>=4.20"],
 }
 
 setup(

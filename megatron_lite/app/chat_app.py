@@ -20,6 +20,8 @@ from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.inference.chat import stream_chat  # noqa: E402
 from megatron_lite.inference.generate import SamplingParams  # noqa: E402
 
+TITLE = "megatron_lite chat"
+
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="chat_app", description=__doc__,
@@ -33,7 +35,8 @@ def parse_args(argv):
     return args
 
 
-@st.cache_resource(show_spinner="Loading model...")
+# One model at a time: trying another path or dtype must not keep every earlier model in (GPU) memory.
+@st.cache_resource(show_spinner="Loading model...", max_entries=1)
 def get_model(path: str, tag: str | None, device: str, dtype: str):
     import contextlib
 
@@ -44,43 +47,65 @@ def get_model(path: str, tag: str | None, device: str, dtype: str):
     return use_decode_layout(model), tokenizer
 
 
-def sidebar(args):
+def model_controls(args):
+    """The sidebar's first block: which model, where, in which dtype."""
     import torch
 
     sb = st.sidebar
-    sb.title("megatron_lite chat")
     path = sb.text_input("Checkpoint or HF folder", value=args.load, key="load")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     device = sb.selectbox("Device", devices, index=devices.index(args.device) if args.device in devices else 0)
     dtypes = ["float32", "bfloat16", "float16"]
     dtype = sb.selectbox("Dtype", dtypes, index=dtypes.index(args.dtype) if args.dtype else 0,
                          help="bfloat16/float16 are for GPUs; CPUs are fastest in float32")
-    max_new = sb.slider("Max new tokens", 1, 2048, 256)
+    return path.strip(), device, dtype
+
+
+def sampling_controls(max_seq_len: int):
+    """The sidebar's second block, bounded by the loaded model's context window."""
+    sb = st.sidebar
+    # Prompt and reply share the window, so a reply can never be longer than it.
+    most = max(1, max_seq_len - 1)
+    max_new = sb.slider("Max new tokens", 1, most, min(256, max(1, max_seq_len // 2)),
+                        help=f"At most the model's context of {max_seq_len} tokens, shared with the prompt: "
+                             "the oldest turns are dropped to leave room for the reply.")
     temperature = sb.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.7, 0.05)
     top_k = sb.number_input("Top-k (0 = off)", 0, 100000, 0)
     top_p = sb.slider("Top-p", 0.05, 1.0, 0.9, 0.05)
     seed = sb.number_input("Seed (-1 = random)", -1, 2**31 - 1, -1)
-    context = sb.number_input("Context limit (tokens, 0 = model max)", 0, 1 << 20, 0)
+    context = sb.number_input("Context limit (tokens, 0 = model max)", 0, max_seq_len, 0,
+                              help=f"The model's context is {max_seq_len} tokens.")
     system = sb.text_area("System prompt", value="You are a helpful assistant.")
     if sb.button("Clear history"):
         st.session_state.messages = []
     params = SamplingParams(max_new_tokens=int(max_new), temperature=float(temperature), top_k=int(top_k),
                             top_p=float(top_p), seed=None if seed < 0 else int(seed))
-    return path.strip(), device, dtype, params, int(context) or None, system
+    return params, int(context) or None, system
+
+
+def show_message(role: str, content: str):
+    with st.chat_message(role):
+        # What the user typed is shown as typed ("# x" stays "# x"); replies may use Markdown.
+        if role == "user":
+            st.text(content)
+        else:
+            st.markdown(content)
 
 
 def chat_turn(model, tokenizer, params, context: int | None, system: str):
     """Show the history; on a new message, stream the reply and add both to the history."""
     history = st.session_state.setdefault("messages", [])
+    hint = st.empty()
+    if not history:
+        hint.info("Type a message below to start. Sampling settings and Clear history are in the sidebar.")
     for m in history:
-        with st.chat_message(m["role"]):
-            st.markdown(m["content"])
+        show_message(m["role"], m["content"])
     prompt = st.chat_input("Message")
     if not prompt:
         return
+    hint.empty()
     history.append({"role": "user", "content": prompt})
-    with st.chat_message("user"):
-        st.markdown(prompt)
+    show_message("user", prompt)
     conversation = ([{"role": "system", "content": system}] if system.strip() else []) + history
     with st.chat_message("assistant"):
         try:
@@ -93,21 +118,28 @@ def chat_turn(model, tokenizer, params, context: int | None, system: str):
     history.append({"role": "assistant", "content": reply if isinstance(reply, str) else "".join(map(str, reply))})
 
 
+def model_caption(path: str, model, device: str, dtype: str) -> str:
+    cfg = model.config
+    kind = "MoE" if cfg.is_moe else "dense"
+    return (f"{os.path.basename(os.path.normpath(path))} · {kind} · {cfg.num_params() / 1e6:.1f}M params · "
+            f"context {cfg.max_seq_len} · {device} {dtype}")
+
+
 def main():
-    st.set_page_config(page_title="megatron_lite chat", page_icon="💬")
+    st.set_page_config(page_title=TITLE, page_icon="💬")
+    st.title(TITLE)
     args = parse_args(sys.argv[1:])
-    path, device, dtype, params, context, system = sidebar(args)
+    path, device, dtype = model_controls(args)
     if not path:
-        st.info("Enter a checkpoint folder in the sidebar, or start with `-- --load CKPT`.")
+        st.info("Enter a checkpoint folder or an HF model folder in the sidebar to start chatting.")
         return
     try:
         model, tokenizer = get_model(path, args.tag, device, dtype)
     except UserError as e:
         st.error(str(e))
         return
-    cfg = model.config
-    st.sidebar.caption(f"{'MoE' if cfg.is_moe else 'dense'} · {cfg.num_params() / 1e6:.1f}M params · "
-                       f"context {cfg.max_seq_len}")
+    st.caption(model_caption(path, model, device, dtype))
+    params, context, system = sampling_controls(model.config.max_seq_len)
     chat_turn(model, tokenizer, params, context, system)
 
 

@@ -25,8 +25,12 @@ def _resolve_tag_dir(ckpt_dir: Path, tag: str | None) -> tuple[Path, Path]:
     if tag is None:
         tag = latest_tag(ckpt_dir)
         if tag is None:
-            raise UserError(f"{ckpt_dir} has no 'latest' file and no mp_rank_00_model_states.pt: "
-                            "is this a megatron_lite checkpoint folder? (use --tag to pick one)")
+            # Name a finished tag folder it holds: that is itself a valid path, for the CLI and the app alike.
+            tags = sorted((p.name for p in ckpt_dir.iterdir() if not p.name.startswith("tmp-")
+                           and (p / model_states_file(0)).is_file()), key=lambda t: (len(t), t))
+            raise UserError(f"{ckpt_dir} has no 'latest' file and no {model_states_file(0)}: " + (
+                f"give one of its checkpoints, e.g. {ckpt_dir / tags[-1]}" if tags else
+                "not a megatron_lite checkpoint folder"))
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
         raise UserError(f"checkpoint tag {tag!r} not found in {ckpt_dir}")

@@ -44,6 +44,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype |
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder; give the checkpoint or HF folder, e.g. {path.parent}")
     if is_hf_folder(path):
         from megatron_lite.convert.hf import load_hf_folder
         config, sd = load_hf_folder(path)
