@@ -8,6 +8,7 @@ the earlier checkpoints as they were, and stops every rank with one line."""
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import shutil
@@ -125,20 +126,28 @@ def _no_space_error(root: Path, tag: str, needed: int | None, how: str) -> UserE
                      f"partial {TMP_PREFIX}{tag} was removed and {kept}; {how}")
 
 
-def _try(fn: Callable[[Path], None], path: Path) -> Exception | None:
+def _outcome(error: Exception | None, root: Path) -> tuple[int, Exception | None]:
+    """(0 ok / 1 out of space / 2 failed, the error to re-raise). A full disk's error is dropped: its
+    traceback holds torch.save's open file, whose blocks stay allocated until it is closed."""
+    if error is None:
+        return 0, None
+    return (1, None) if _out_of_space(error, root, _needed_bytes(root)) else (2, error)
+
+
+def _try(fn: Callable[[Path], None], path: Path) -> tuple[int, Exception | None]:
     try:
         fn(path)
-    except Exception as e:  # judged (and re-raised unless it is a full disk) by _settle, on every rank
-        return e
-    return None
+    except Exception as e:  # judged on every rank by _settle
+        return _outcome(e, path.parent)
+    return 0, None
 
 
-def _settle(error: Exception | None, root: Path, tag: str, dev) -> None:
+def _settle(outcome: tuple[int, Exception | None], root: Path, tag: str, dev) -> None:
     """Collective, after every rank wrote (or failed to write) its part of `tmp-<tag>`: return when all
     ranks succeeded. When one ran out of space, the partial folder goes and rank 0 raises the one-line
     UserError while the others leave with the same exit status and print nothing. Any other failure keeps
     its traceback. (`latest` has not moved yet, so the last checkpoint it names sizes the one that failed.)"""
-    code = 0 if error is None else 1 if _out_of_space(error, root, _needed_bytes(root)) else 2
+    code, error = outcome
     worst = code
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor(float(code), device=dev)
@@ -150,6 +159,7 @@ def _settle(error: Exception | None, root: Path, tag: str, dev) -> None:
         if error is not None:
             raise error
         raise RuntimeError(f"saving {root}/{tag} failed on another rank")
+    gc.collect()  # closes the failed write's file (see _outcome)
     if _is_rank0():
         shutil.rmtree(root / f"{TMP_PREFIX}{tag}", ignore_errors=True)
     _barrier()
@@ -191,12 +201,12 @@ def save_training_checkpoint(engine, save_dir: str, iteration: int, client_state
     try:
         engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
     except Exception as e:  # a full disk under torch.save on this rank, while the others may have finished
-        error = e
+        outcome = _outcome(e, root)
         _barrier()  # the one save_checkpoint ends with, which this rank skipped
     else:
         # Each rank its own shards (on a node-local disk too): on disk before the rename.
-        error = _try(fsync_tree, root / tmp_tag)
-    _settle(error, root, tag, engine.device)  # also the barrier: every rank's files are on disk
+        outcome = _try(fsync_tree, root / tmp_tag)
+    _settle(outcome, root, tag, engine.device)  # also the barrier: every rank's files are on disk
     if before_commit is not None:
         _settle(_try(before_commit, root / tmp_tag), root, tag, engine.device)
     if _is_rank0():
@@ -235,7 +245,12 @@ def save_checkpoint_folder(out_dir: str | Path, config: ModelConfig, state_dict:
     except Exception as e:
         if not _out_of_space(e, out, needed):
             raise
+        full = True
+    else:
+        full = False
+    if full:  # raised out here, the UserError does not keep the failed write (and its open file) as context
+        gc.collect()
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise _no_space_error(out, tag, needed, "free some space or choose another output folder") from None
+        raise _no_space_error(out, tag, needed, "free some space or choose another output folder")
     _commit(out, tag)
     return out
