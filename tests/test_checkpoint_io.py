@@ -185,3 +185,59 @@ def test_one_pickle_policy_for_loading_and_scanning(tmp_path):
         load_weights_only(bad / "x.pt")
     with pytest.raises(UserError, match="system, which loading would execute; refusing"):
         check_pickle_globals(bad)
+
+
+# ------------------------------------------------------------------------------------------ requeue, bad input, full disk
+
+def test_resolve_load_is_a_fresh_start_only_for_the_save_folder_without_checkpoint(tmp_path):
+    from megatron_lite.checkpoint.load import resolve_load
+
+    ck, other = tmp_path / "ckpt", tmp_path / "other"
+    load, note = resolve_load(str(ck), str(ck) + "/")  # not there yet, spelled differently: the same folder
+    assert load is None and note == f"--load {ck}: no checkpoint there yet (it is the --save folder): starting from scratch"
+    ck.mkdir()
+    (ck / "tmp-global_step4").mkdir()  # killed during its first save: still nothing to resume
+    assert resolve_load(str(ck), str(ck))[0] is None
+    assert resolve_load(str(other), str(ck)) == (str(other), None)  # a typo: refused later as today
+    assert resolve_load(str(ck), None) == (str(ck), None)
+    assert resolve_load(None, str(ck)) == (None, None)
+    make_checkpoint(ck)
+    assert resolve_load(str(ck), str(ck)) == (str(ck), None)  # the requeued run resumes
+    with pytest.raises(UserError, match=r"is a file, not a checkpoint folder"):
+        resolve_load(str(ck / "latest"), str(ck))
+    with pytest.raises(UserError, match=r"model_config.json is a file, not a folder"):
+        load_model(ck / "model_config.json")
+
+
+def test_other_model_names_the_flags_that_differ(tmp_path):
+    from megatron_lite.checkpoint.load import check_same_model
+
+    ck, _, _ = make_checkpoint(tmp_path / "ckpt")
+    config = tiny_config()
+    check_same_model(str(ck), config)
+    with pytest.raises(UserError) as e:
+        check_same_model(str(ck), config.replace(hidden_size=32, num_experts=4, dropout=0.1))
+    msg = str(e.value)
+    assert "\n" not in msg and "holds a different model" in msg and str(ck / "model_config.json") in msg
+    for part in ("hidden_size 64 there, 32 from --hidden-size", "num_experts 0 there, 4 from --num-experts",
+                 "dropout 0.0 there, 0.1 from --model"):
+        assert part in msg, (part, msg)
+
+
+def test_weights_folder_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        with pytest.raises(UserError) as e:
+            make_checkpoint(disk / "ckpt")  # ~0.3 MB of weights
+        msg = str(e.value)
+        assert msg.startswith(f"no space left to save global_step7 in {disk / 'ckpt'}: ") and "\n" not in msg
+        assert "needs about" in msg and "the partial tmp-global_step7 was removed" in msg
+        assert not (disk / "ckpt" / "tmp-global_step7").exists() and not (disk / "ckpt" / "latest").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

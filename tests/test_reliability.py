@@ -118,12 +118,19 @@ def one_line_error(p: subprocess.CompletedProcess, *needles: str):
 # ------------------------------------------------------------------------------------------ kill / resume chain
 
 @pytest.fixture(scope="module")
-def chain(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
-    ref, ck = root / "ref", root / "ckpt"
-    args = lambda *extra: pretrain_args(data, ck, T, "--micro-batch-size", 2, "--save-interval", SAVE, *extra)  # noqa: E731
-    out = {"ref": ref, "ckpt": ck}
+def reference(data, tmp_path_factory):
+    """The uninterrupted 2-rank run every interrupted one is compared with."""
+    ref = tmp_path_factory.mktemp("ref") / "ckpt"
     run("launch/pretrain.py", pretrain_args(data, ref, T, "--micro-batch-size", 2, "--save-interval", SAVE), ranks=2)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def chain(data, reference, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    ck = root / "ckpt"
+    args = lambda *extra: pretrain_args(data, ck, T, "--micro-batch-size", 2, "--save-interval", SAVE, *extra)  # noqa: E731
+    out = {"ref": reference, "ckpt": ck}
 
     # 1. SIGKILL (launcher, launch.py and both ranks at once) during training, after a checkpoint exists.
     log = root / "kill1.log"
@@ -213,6 +220,32 @@ def test_losses_along_the_interrupted_chain_equal_the_uninterrupted_run(chain):
     assert client["consumed_samples"] == T * 4 and client["skipped_steps"] == 0
 
 
+@pytest.mark.multirank
+def test_requeue_same_command_line_survives_sigkill(data, reference, tmp_path):
+    """`--save X --load X` on every start, as a requeued job reruns it: the first start (no checkpoint yet)
+    trains from scratch, a `kill -9` of the whole launcher group after a checkpoint, then the very same command
+    line resumes and ends with exactly the losses of the uninterrupted run."""
+    ck, log = tmp_path / "ckpt", tmp_path / "first.log"
+    args = pretrain_args(data, ck, T, "--micro-batch-size", 2, "--save-interval", SAVE, "--load", ck)
+    p = start(args, log)
+    wait_for(lambda: max(steps_logged(ck), default=0) >= SAVE + 2, p, log, f"step {SAVE + 2}")
+    sigkill_tree(p)
+    latest, n_first = latest_step(ck), len(metrics(ck))
+    assert SAVE <= latest < T
+    fresh = f"--load {ck}: no checkpoint there yet (it is the --save folder): starting from scratch"
+    assert log.read_text().count(fresh) == 1  # rank 0 only
+
+    second = run("launch/pretrain.py", args, ranks=2)
+    assert f"resumed from {ck} at step {latest} " in second.stdout and fresh not in second.stdout
+    ref = losses(reference)
+    resumed = [(m["step"], m["loss"]) for m in metrics(ck)[n_first:] if "loss" in m]
+    assert [s for s, _ in resumed] == list(range(latest + 1, T + 1))
+    assert [loss for _, loss in resumed] == [ref[s] for s, _ in resumed]
+    first = [(m["step"], m["loss"]) for m in metrics(ck)[:n_first] if "loss" in m]
+    assert first and [loss for _, loss in first] == [ref[s] for s, _ in first]
+    assert latest_step(ck) == T
+
+
 def test_sigint_saves_and_exits_zero(data, tmp_path):
     """Ctrl-C on a one-process run: finish the step, save it, exit 0."""
     ck, log = tmp_path / "ckpt", tmp_path / "log"
@@ -274,6 +307,71 @@ def test_optimizer_skips_non_finite_gradients_in_process():
     assert opt.last_skipped and torch.equal(p.detach(), torch.ones(4)) and opt.bad_loss is None
     opt.step()
     assert not opt.last_skipped and not torch.equal(p.detach(), torch.ones(4))
+
+
+# ------------------------------------------------------------------------------------------ full disk
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size, or None where mounting is not allowed (not root)."""
+    mounted = []
+
+    def mount(size: str) -> Path | None:
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                                               capture_output=True).returncode != 0:
+            return None
+        mounted.append(d)
+        return d
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.multirank
+def test_full_disk_at_save_time_is_one_line_and_keeps_the_last_checkpoint(data, tmpfs, tmp_path):
+    """2 ranks saving every 2 steps onto a 3 MiB tmpfs: step 2's checkpoint fits, step 4's runs out of space
+    (under torch.save, on whichever rank hits it). Where no tmpfs can be mounted, the last rank's save of step
+    4 fails with ENOSPC instead (tests/fault_launch.py)."""
+    from megatron_lite.checkpoint.layout import tree_bytes
+    from megatron_lite.checkpoint.load import load_full_state_dict
+    from megatron_lite.checkpoint.save import checkpoint_bytes
+
+    disk = tmpfs("3m")
+    ck, fault = (disk / "ckpt", []) if disk else (tmp_path / "ckpt", ["--fault-no-space", 4])
+    p = run("tests/fault_launch.py", [*fault, *pretrain_args(data, ck, 6, "--micro-batch-size", 2, "--save-interval", 2)],
+            ranks=2, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "Traceback" not in out, out[-5000:]
+    errors = [line for line in out.splitlines() if "launch/pretrain.py: error:" in line]
+    assert len(errors) == 1, errors  # rank 0 reports it, the other rank exits quietly
+    assert errors[0].startswith(f"launch/pretrain.py: error: no space left to save global_step4 in {ck}: "), errors
+    assert " free, one checkpoint needs about " in errors[0]
+    assert f"the partial tmp-global_step4 was removed and {ck}/latest still names global_step2" in errors[0]
+    assert "saved checkpoint" in out and f"{ck}/global_step4" not in out
+    assert latest_step(ck) == 2
+    assert sorted(f.name for f in ck.iterdir() if f.name.startswith(("global_step", "tmp-", "trash-"))) == ["global_step2"]
+    config, _ = load_full_state_dict(ck)  # the checkpoint left is complete and readable
+    client = torch.load(ck / "global_step2" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert client["iteration"] == 2 and len(list((ck / "global_step2").glob("zero_pp_rank_*"))) == 2
+    # The pre-flight's estimate (ZeRO-2 over 2 ranks, fp32) bounds the real size from above, closely.
+    size = tree_bytes(ck / "global_step2")
+    assert size <= checkpoint_bytes(config, json.loads((ck / "ds_config.json").read_text())) <= 1.1 * size + 2 ** 18
+
+
+def test_preflight_refuses_a_save_folder_that_cannot_hold_one_checkpoint(data, tmpfs):
+    import re
+
+    disk = tmpfs("1m")
+    if disk is None:
+        pytest.skip("needs root to mount a tmpfs")
+    ck = disk / "ckpt"
+    p = run("launch/pretrain.py", pretrain_args(data, ck, 2, "--micro-batch-size", 2), check=False)
+    line = one_line_error(p, f"--save {ck}: ", "free on its filesystem", "weights and optimizer state")
+    free, needed = map(float, re.search(r"([\d.]+) MiB free .* needs about ([\d.]+) MiB", line).groups())
+    assert free <= 1.0 < needed
+    assert p.stdout == "" and not ck.exists()  # refused before anything started or was written
 
 
 # ------------------------------------------------------------------------------------------ one-line errors
@@ -378,7 +476,7 @@ def test_out_of_vocab_ids_and_smaller_tokenizer(data, tok300, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not_json", "inconsistent_batch", "seq_length", "tp_world", "ep_world",
-                                  "load_missing", "load_not_ckpt", "max_bad_steps"])
+                                  "load_missing", "load_not_ckpt", "load_typo", "load_file", "max_bad_steps"])
 def test_bad_flags_are_one_line_errors(data, tmp_path, case):
     base = ["--tokenizer", data["tok"], "--data-path", data["pt"], "--train-iters", 1]
     extra_env, needles = {}, []
@@ -401,6 +499,12 @@ def test_bad_flags_are_one_line_errors(data, tmp_path, case):
     elif case == "load_not_ckpt":
         (tmp_path / "half").mkdir()
         extra, needles = ["--load", tmp_path / "half"], ["no 'latest' file"]
+    elif case == "load_typo":  # --load names another folder than --save, with no checkpoint: not a fresh start
+        (tmp_path / "ckpt2").mkdir()
+        extra, needles = ["--save", tmp_path / "ckpt", "--load", tmp_path / "ckpt2"], ["ckpt2", "no 'latest' file"]
+    elif case == "load_file":
+        (tmp_path / "latest").write_text("global_step2")
+        extra, needles = ["--load", tmp_path / "latest"], [f"--load {tmp_path / 'latest'} is a file, not a checkpoint folder"]
     else:
         extra, needles = ["--max-bad-steps", -1], ["--max-bad-steps"]
     p = run("launch/pretrain.py", base + extra, check=False, **extra_env)
@@ -420,12 +524,12 @@ def test_load_and_pretrained_errors(data, small_ckpt, tok300, tmp_path):
     # A checkpoint of a different model.
     p = run("launch/pretrain.py", ["--model", "tiny", "--hidden-size", 32, "--num-heads", 4, "--tokenizer", data["tok"],
                                    "--data-path", data["pt"], "--train-iters", 4, "--load", small_ckpt], check=False)
-    one_line_error(p, "holds a different model", "hidden_size")
+    one_line_error(p, "holds a different model", "hidden_size 64 there, 32 from --hidden-size")
     # The same model with another tokenizer: its vocabulary does not match the checkpoint's embedding.
     args = pretrain_args(data, tmp_path / "z", 4, "--load", small_ckpt)
     args[args.index(data["tok"])] = tok300
     p = run("launch/pretrain.py", args, check=False)
-    one_line_error(p, "holds a different model", "vocab_size")
+    one_line_error(p, "holds a different model", "vocab_size 448 there, 320 from --tokenizer")
     # A corrupt (truncated) shard: refused before DeepSpeed reads it.
     bad = tmp_path / "bad"
     shutil.copytree(small_ckpt, bad)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -165,6 +166,28 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of every file under `path` (what a checkpoint folder takes on disk, near enough)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the filesystem `path` is on (or would be created on: its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def fmt_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
 
 
 def fsync_tree(path: Path) -> None:

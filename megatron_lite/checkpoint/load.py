@@ -15,10 +15,16 @@ from megatron_lite.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- full state dicts
 
+def _require_folder(path: Path, what: str) -> None:
+    if path.is_file():
+        raise UserError(f"{what} {path} is a file, not a folder: pass the checkpoint folder that holds it")
+    if not path.is_dir():
+        raise UserError(f"{what} {path} does not exist")
+
+
 def _resolve_tag_dir(ckpt_dir: Path, tag: str | None) -> tuple[Path, Path]:
     """(folder holding model_config.json, folder holding the mp_rank files)."""
-    if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint folder {ckpt_dir} does not exist")
+    _require_folder(ckpt_dir, "checkpoint folder")
     # A tag folder itself (CKPT/global_step30) is accepted too; its config sits one level up.
     if tag is None and any(MODEL_STATES_FILE.match(p.name) for p in ckpt_dir.iterdir()):
         return ckpt_dir.parent, ckpt_dir
@@ -137,11 +143,23 @@ def load_weights_into(model, path: str | Path, tag: str | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------- training resume
 
+def resolve_load(load: str | None, save: str | None) -> tuple[str | None, str | None]:
+    """(the folder to resume from, a note to print): the requeue idiom `--save X --load X`, passed on every
+    (re)start of a job, starts from scratch while X holds no complete checkpoint yet; a --load folder other
+    than --save must hold one (an empty or missing one is a typo, refused later)."""
+    if load is None:
+        return None, None
+    if Path(load).is_file():
+        raise UserError(f"--load {load} is a file, not a checkpoint folder: pass the folder that holds 'latest'")
+    if save is None or latest_tag(Path(load)) is not None or Path(load).resolve() != Path(save).resolve():
+        return load, None
+    return None, f"--load {load}: no checkpoint there yet (it is the --save folder): starting from scratch"
+
+
 def check_checkpoint_dir(path: str) -> str:
     """The tag `latest` names in `path`, or a one-line error when `path` is not a usable checkpoint."""
     root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"checkpoint folder {path} does not exist")
+    _require_folder(root, "checkpoint folder")
     tag = latest_tag(root)
     if tag is None:
         raise UserError(f"{path} has no 'latest' file: not a megatron_lite checkpoint, or no save finished")
@@ -166,12 +184,22 @@ def check_resumable(path: str, dp: int, tp: int, zero_stage: int) -> None:
                         f"resume with the same number of data-parallel ranks (world size / --tp) and ds_config")
 
 
+# The training flag behind each ModelConfig field it sets; the preset (--model) sets the others.
+_FIELD_FLAGS = {"vocab_size": "--tokenizer", "num_layers": "--num-layers", "hidden_size": "--hidden-size",
+                "num_heads": "--num-heads", "num_kv_heads": "--num-kv-heads", "ffn_hidden_size": "--ffn-hidden-size",
+                "num_experts": "--num-experts", "topk": "--topk"}
+
+
 def check_same_model(path: str, config: ModelConfig) -> None:
+    """Exact resume needs the very model of the checkpoint: every field of its model_config.json but the
+    preset's name (shapes, and what changes the losses: dropout, router noise, capacity, aux-loss weights)."""
     saved = ModelConfig.load(path)
     if saved != config:
-        diff = {k: (v, getattr(config, k)) for k, v in saved.to_dict().items()
-                if k != "name" and getattr(config, k) != v}
-        raise UserError(f"checkpoint {path} holds a different model (saved vs requested: {diff})")
+        diff = ", ".join(f"{k} {v} there, {getattr(config, k)} from {_FIELD_FLAGS.get(k, '--model')}"
+                         for k, v in saved.to_dict().items() if k != "name" and getattr(config, k) != v)
+        raise UserError(f"checkpoint {path} holds a different model than the flags ask for ({diff}); pass the "
+                        f"flags it was trained with (see {Path(path) / 'model_config.json'}), or start the new model "
+                        f"in another folder")
 
 
 def load_training_checkpoint(engine, path: str, config: ModelConfig) -> dict:

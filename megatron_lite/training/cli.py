@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from megatron_lite.checkpoint.load import (check_checkpoint_dir, check_resumable, check_same_model,
-                                           load_training_checkpoint, load_weights_into)
-from megatron_lite.checkpoint.save import write_run_files
+                                           load_training_checkpoint, load_weights_into, resolve_load)
+from megatron_lite.checkpoint.save import check_save_space, write_run_files
 from megatron_lite.config import PRESETS, ModelConfig, get_preset, pad_vocab_size
 from megatron_lite.data.gpt_dataset import build_gpt_datasets, parse_data_path
 from megatron_lite.data.indexed_dataset import IndexedDataset
@@ -117,7 +117,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
     g.add_argument("--exit-interval", type=int, default=0,
                    help="stop (saving first when --save is set) at the first step divisible by N; resume with --load")
-    g.add_argument("--load", default=None, help="resume exactly from this checkpoint folder's 'latest'")
+    g.add_argument("--load", default=None,
+                   help="resume exactly from this checkpoint folder's 'latest'; the same folder as --save may hold "
+                        "no checkpoint yet (then the run starts from scratch), so one command line serves every "
+                        "(re)start of a job")
     g.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many consecutive steps with a non-finite loss or gradients (each is "
                         "skipped, weights untouched); 0: never stop")
@@ -322,6 +325,7 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     """kind: 'pretrain' or 'sft'. Returns the last logged metrics (rank 0) for tests and scripts.
     faults: failures injected by tests (tests/fault_launch.py); None for real runs."""
     a = build_parser(kind).parse_args(argv)
+    a.load, fresh_start = resolve_load(a.load, a.save)  # `--save X --load X` before X holds a checkpoint
     check_args(a)
     # Everything a user can get wrong is checked before DeepSpeed is imported and ranks start talking.
     raw_ds_config = load_ds_config(a.deepspeed)
@@ -329,8 +333,12 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     check_model_fits(a, config)
     dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
     check_data(kind, a.data_path, len(tokenizer))
+    if a.save:
+        check_save_space(a.save, config, ds_config)
 
     rank, world = start_distributed(kind, a, config, dims, ds_config, s)
+    if fresh_start and rank == 0:
+        print(fresh_start)
     train_ds, valid_ds = build_datasets(kind, a, s)
     engine = build_model_and_engine(kind, a, config, dims, ds_config)
     progress = resume(kind, a, engine, config, rank == 0)
