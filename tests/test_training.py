@@ -107,7 +107,8 @@ def test_ds_config_flags_override_json_and_batch_checks():
                             warmup_iters=7, train_iters=100)
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (3, 4, 24)
     assert cfg["optimizer"]["params"]["lr"] == 5e-4
-    assert lr_settings(cfg) == dict(max_lr=5e-4, min_lr=pytest.approx(5e-5), warmup_iters=7, decay_iters=100)
+    assert lr_settings(cfg) == dict(max_lr=5e-4, min_lr=pytest.approx(5e-5), warmup_iters=7, decay_iters=100,
+                                   style="cosine", wsd_decay_frac=0.0)
     assert cfg["bf16"]["enabled"] is bf16_supported()  # "auto" resolved: False on CPU
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["contiguous_gradients"]
     # One data-parallel rank: nothing to partition, so ZeRO's copies are skipped (stage 0, same math).
