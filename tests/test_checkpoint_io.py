@@ -146,6 +146,8 @@ def test_before_commit_sees_the_complete_temporary_folder(tmp_path):
     from megatron_lite.checkpoint.save import save_training_checkpoint
 
     class Engine:
+        device = torch.device("cpu")
+
         def save_checkpoint(self, save_dir, tag, client_state, save_latest):
             (Path(save_dir) / tag).mkdir(parents=True)
             torch.save({"module": {}, "it": client_state["it"]}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
