@@ -58,9 +58,9 @@ def init_distributed() -> Tuple[int, int]:
         local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or
                     os.environ.get("WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+    # Also when torch.distributed is already up (a test harness, a user's own start-up): DeepSpeed then only
+    # wraps the existing group, which its MoE all-to-all needs.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 

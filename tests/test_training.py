@@ -143,6 +143,7 @@ def test_latest_never_names_a_partial_checkpoint(tmp_path):
     step replaces the debris."""
     class Engine:
         fail = False
+        device = torch.device("cpu")
 
         def save_checkpoint(self, save_dir, tag, client_state, save_latest):
             assert not save_latest  # DeepSpeed must not write `latest` itself
