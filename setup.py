@@ -14,6 +14,7 @@ install_requires = [
     "numpy>=1.24",
     "wandb>=0.18",
     "tqdm>=4.66",
+    "peft>=0.13",  # LoRA adapters for SFT (wraps our nn.Linear layers)
     "matplotlib>=3.8",
 ]
 
@@ -24,7 +25,7 @@ extras_require = {
     # lm-eval's `--model hf` needs accelerate; both accept the CPU torch already installed (no CUDA wheel).
     "eval": ["lm-eval>=0.4.13", "accelerate>=1.0"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core>=0.12", "openai>=1.40", "streamlit>=1.40",
-            "fastapi>=0.110", "uvicorn>=0.30", "lm-eval>=0.4.13", "accelerate>=1.0", "selenium>=4.20"],
+            "fastapi>=0.110", "uvicorn>=0.30", "lm-eval>=0.4.13", "accelerate>=1.0", "selenium>=4.20", "trl>=0.20"],
 }
 
 setup(
