@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
+from megatron_lite.eval.arithmetic import format_by_op, heldout_questions, score_arithmetic  # noqa: E402
+from megatron_lite.parallel import free_port  # noqa: E402
 
 # The recipe's global batch is RECIPE_RANKS micro-batches; fewer processes accumulate the rest. Dense
 # trains fastest on CPU as DENSE_NPROC single-threaded ranks (benchmarks/main_job_throughput.py).
@@ -61,37 +62,6 @@ def parse_args(argv=None):
     if a.nproc < 1 or a.moe and a.nproc % 2:
         raise UserError(f"--nproc must be >= 1{' and even (expert parallel 2)' if a.moe else ''}, got {a.nproc}")
     return a
-
-
-def free_port() -> int:
-    """A port nobody listens on now, for deepspeed's rendezvous (its default 29500 may be taken)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def question_op(messages: list[dict]) -> str:
-    """The operation ("+", "-" or "x") of the last user question, "other" if it is not `a op b`."""
-    m = re.search(r"\d+ ([-+*]) \d+", next(m["content"] for m in reversed(messages) if m["role"] == "user"))
-    return {"+": "+", "-": "-", "*": "x"}[m.group(1)] if m else "other"
-
-
-def exact_match_by_op(items: list[tuple[list[dict], str]], answers: list[str]) -> dict:
-    """{"correct", "total", "by_op": {op: {"correct", "total"}}} for (messages, expected) items and replies."""
-    by_op: dict[str, dict[str, int]] = {}
-    for (messages, expected), answer in zip(items, answers, strict=True):
-        row = by_op.setdefault(question_op(messages), {"correct": 0, "total": 0})
-        row["correct"] += answer.strip() == expected
-        row["total"] += 1
-    order = {op: i for i, op in enumerate(["+", "-", "x", "other"])}
-    by_op = dict(sorted(by_op.items(), key=lambda kv: order[kv[0]]))
-    return {"correct": sum(r["correct"] for r in by_op.values()), "total": len(items), "by_op": by_op}
-
-
-def format_by_op(scores: dict) -> str:
-    return "  ".join(f"{op} {r['correct']}/{r['total']}" for op, r in scores["by_op"].items())
 
 
 class Pipeline:
@@ -189,25 +159,13 @@ class Pipeline:
     def score_arithmetic(self) -> dict:
         """Exact match of greedy answers to held-out single-turn arithmetic questions, in total and per operation."""
         from megatron_lite.inference.loading import load_model
-        from megatron_lite.inference.chat import chat
 
         t = time.perf_counter()
         print("\n=== SFT exact match on held-out arithmetic", flush=True)
         model, tok = load_model(self.work / "ckpt_sft")
-        items = []
-        with open(self.work / "corpus/sft_valid.jsonl", encoding="utf-8") as f:
-            for line in f:
-                conv = json.loads(line)["conversations"]
-                i = next(i for i, m in enumerate(conv) if m["role"] == "assistant")
-                if re.fullmatch(r"-?\d+", conv[i]["content"]):
-                    items.append((conv[:i], conv[i]["content"]))
-        items = items[: self.args.eval_questions]
-        answers = []
-        for start in range(0, len(items), 16):
-            batch = items[start:start + 16]
-            answers += [o.text for o in chat(model, tok, [m for m, _ in batch], greedy=True, max_new_tokens=8)]
+        scores = score_arithmetic(model, tok, heldout_questions(self.work / "corpus/sft_valid.jsonl",
+                                                                self.args.eval_questions))
         self.timings.append(("SFT exact match", time.perf_counter() - t))
-        scores = exact_match_by_op(items, answers)
         print(f"exact match: {scores['correct']}/{scores['total']} ({format_by_op(scores)})")
         return scores
 

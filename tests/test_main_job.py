@@ -49,27 +49,18 @@ def test_main_job_end_to_end_at_toy_size(tmp_path, variant):
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=0, atol=1e-4)
 
 
-def _main_job():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("main_job", REPO / "launch/main_job.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_exact_match_is_scored_per_operation():
     import random
 
     from megatron_lite.data.corpus import arithmetic_question
+    from megatron_lite.eval.arithmetic import exact_match_by_op, format_by_op, question_op
 
-    mj = _main_job()
     # Every question the corpus generates is attributed to the operation that produced its answer.
     rng = random.Random(0)
     for _ in range(200):
         q, ans = arithmetic_question(rng)
         a, b = map(int, re.findall(r"\d+", q))
-        assert {"+": a + b, "-": a - b, "x": a * b}[mj.question_op([{"role": "user", "content": q}])] == int(ans)
+        assert {"+": a + b, "-": a - b, "x": a * b}[question_op([{"role": "user", "content": q}])] == int(ans)
 
     def item(q, ans, system=False):
         return ([{"role": "system", "content": "Answer with the number only."}] if system else []) + \
@@ -79,8 +70,8 @@ def test_exact_match_is_scored_per_operation():
              item("Calculate 5 - 712.", "-707"), item("7 - 7 = ?", "0"), item("What do you get for 12 * 34?", "408"),
              item("What does `json.dumps` do?", "4")]
     answers = [" 579\n", "100", "-707", "0", "480", "4"]
-    scores = mj.exact_match_by_op(items, answers)
+    scores = exact_match_by_op(items, answers)
     assert scores == {"correct": 4, "total": 6, "by_op": {"+": {"correct": 1, "total": 2}, "-": {"correct": 2, "total": 2},
                                                           "x": {"correct": 0, "total": 1},
                                                           "other": {"correct": 1, "total": 1}}}
-    assert mj.format_by_op(scores) == "+ 1/2  - 2/2  x 0/1  other 1/1"
+    assert format_by_op(scores) == "+ 1/2  - 2/2  x 0/1  other 1/1"
