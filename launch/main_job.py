@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--heldout-batches", type=int, default=40, help="batches of 8 held-out samples evaluated (default: 40)")
     p.add_argument("--eval-questions", type=int, default=100, help="held-out arithmetic questions scored (default: 100)")
     p.add_argument("--seed", type=int, default=1234, help="training seed (default: 1234)")
+    p.add_argument("--harness", choices=["auto", "on", "off"], default="auto",
+                   help="score the HF export with lm-evaluation-harness on the local tasks (launch/eval.py --harness) "
+                        "for report.md; auto: when lm_eval is installed (pip install -e '.[eval]') (default: auto)")
     a = p.parse_args(argv)
     if a.nproc is None:
         a.nproc = RECIPE_RANKS if a.moe else DENSE_NPROC
@@ -139,8 +142,10 @@ class Pipeline:
         self.exact_match = self.score_arithmetic()
         self.run("convert to HuggingFace", [py, "tools/convert_to_hf.py", "--load", w / "ckpt_sft", "--output", w / "hf"])
         self.samples = self.sample_chats_with_transformers()
+        self.harness = self.run_harness()
         self.plot_losses()
         self.summary()
+        self.report()
 
     # ------------------------------------------------------------------ evaluation helpers
     def bits_per_byte(self, loss_nats: float) -> float:
@@ -190,6 +195,19 @@ class Pipeline:
             print(f"user: {q}\nassistant: {answer}\n")
         self.timings.append(("sample chats", time.perf_counter() - t))
         return out
+
+    def run_harness(self) -> dict | None:
+        """lm_eval's results JSON for the local tasks on the HF export, or None when it is not run."""
+        import importlib.util
+
+        wanted = self.args.harness
+        if wanted == "off" or wanted == "auto" and importlib.util.find_spec("lm_eval") is None:
+            print("\n=== lm-evaluation-harness skipped (--harness on, or install lm_eval: pip install -e '.[eval]')")
+            return None
+        out = self.work / "harness.json"
+        self.run("lm-evaluation-harness on the HF export (local tasks)",
+                 [sys.executable, "launch/eval.py", "--harness", "--hf", self.work / "hf", "--output", out])
+        return json.loads(out.read_text())
 
     # ------------------------------------------------------------------ report
     def metrics(self, ckpt: str, key: str | None = None) -> list[dict]:
@@ -244,6 +262,21 @@ class Pipeline:
         (self.work / "summary.json").write_text(json.dumps({
             "rows": dict(rows), "timings_s": dict(self.timings), "heldout": self.heldout,
             "exact_match": self.exact_match, "samples": self.samples}, indent=2) + "\n")
+
+    def report(self) -> None:
+        from megatron_lite.eval.report import write_report
+
+        w = self.work
+        path = write_report(w, title=f"main job: {'MiniMoE tiny-moe' if self.args.moe else 'MiniLLM tiny'}",
+                            command=[Path(sys.executable).name, *sys.argv],
+                            stages={"pretrain": w / "ckpt_pretrain", "SFT": w / "ckpt_sft"},
+                            model_ckpt=w / "ckpt_sft", hf_dir=w / "hf",
+                            data={"pretraining text (train)": w / "corpus/pretrain_train.jsonl",
+                                  "pretraining tokens": w / "data/pretrain_train_text_document",
+                                  "held-out text": w / "corpus/pretrain_valid.jsonl",
+                                  "SFT conversations": w / "corpus/sft_train.jsonl"},
+                            harness=self.harness, png=self.png)
+        print(f"report: {path}")
 
 
 if __name__ == "__main__":

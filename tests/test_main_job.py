@@ -13,7 +13,7 @@ from launch_utils import REPO, env
 
 TOY = ["--corpus-mb", "0.4", "--vocab-size", "500", "--seq-length", "64", "--micro-batch-size", "4",
        "--pretrain-iters", "24", "--sft-iters", "8", "--sft-seq-length", "64", "--sft-micro-batch-size", "4",
-       "--heldout-batches", "2", "--eval-questions", "5"]
+       "--heldout-batches", "2", "--eval-questions", "5", "--harness", "off"]  # lm_eval: tests/test_harness.py
 
 
 @pytest.mark.e2e
@@ -37,6 +37,9 @@ def test_main_job_end_to_end_at_toy_size(tmp_path, variant):
     assert sum(r["correct"] for r in by_op.values()) == summary["exact_match"]["correct"]
     png = (work / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    report = (work / "report.md").read_text()
+    assert "![loss curves](loss_curves.png)" in report and summary["samples"][0][0] in report
+    assert summary["rows"]["held-out bits per byte"] in report and "| SFT | 8 |" in report
 
     # The exported folder is what stock transformers loads, with the SFT checkpoint's exact function.
     from transformers import AutoModelForCausalLM
