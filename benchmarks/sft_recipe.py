@@ -34,7 +34,7 @@ def sft_flags(run: Path, data: Path, out: Path) -> list[str]:
     return ["--deepspeed", "ds_configs/zero2.json", "--grad-accum", "2", "--tokenizer", str(run / "tokenizer"),
             "--seed", "1234", "--log-interval", "5", "--eval-iters", "4", "--seq-length", "96",
             "--micro-batch-size", "16", "--pretrained", str(run / "ckpt_pretrain"), "--data-path", str(data),
-            "--split", "95,5,0", "--train-iters", "250", "--lr", "1e-3", "--warmup-iters", "12",
+            "--split", "95,5,0", "--train-iters", "250",
             "--eval-interval", "1000", "--save", str(out), "--save-interval", "100000"]
 
 

@@ -51,8 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--sft-seq-length", type=int, default=96,
                    help="tokens per SFT sample; the embedded conversations average ~32 tokens (default: 96)")
     p.add_argument("--sft-micro-batch-size", type=int, default=16, help="SFT samples per rank per step (default: 16)")
-    p.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate (default: 2e-3)")
-    p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT peak learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="pretraining peak learning rate (default: the preset's recipe, megatron_lite/training/recipe.py)")
+    p.add_argument("--sft-lr", type=float, default=None, help="SFT peak learning rate (default: the SFT recipe)")
     p.add_argument("--heldout-batches", type=int, default=40, help="batches of 8 held-out samples evaluated (default: 40)")
     p.add_argument("--eval-questions", type=int, default=100, help="held-out arithmetic questions scored (default: 100)")
     p.add_argument("--seed", type=int, default=1234, help="training seed (default: 1234)")
@@ -121,14 +122,14 @@ class Pipeline:
         self.run("pretrain", self.deepspeed("launch/pretrain.py", [
             *self.model_flags(), *common, "--seq-length", a.seq_length, "--micro-batch-size", a.micro_batch_size,
             "--data-path", w / "data/pretrain_train_text_document", "--split", "969,30,1",
-            "--train-iters", a.pretrain_iters, "--lr", a.lr, "--warmup-iters", max(1, a.pretrain_iters // 20),
+            "--train-iters", a.pretrain_iters, *(["--lr", a.lr] if a.lr is not None else []),
             "--eval-interval", max(1, a.pretrain_iters // 5), "--save", w / "ckpt_pretrain",
             "--save-interval", a.pretrain_iters]), env=self.train_env)
         self.run("SFT", self.deepspeed("launch/sft.py", [
             *common, "--seq-length", a.sft_seq_length, "--micro-batch-size", a.sft_micro_batch_size,
             "--pretrained", w / "ckpt_pretrain", "--data-path", w / "data/sft_text_document",
-            "--split", "95,5,0", "--train-iters", a.sft_iters, "--lr", a.sft_lr,
-            "--warmup-iters", max(1, a.sft_iters // 20), "--eval-interval", max(1, a.sft_iters // 4),
+            "--split", "95,5,0", "--train-iters", a.sft_iters, *(["--lr", a.sft_lr] if a.sft_lr is not None else []),
+            "--eval-interval", max(1, a.sft_iters // 4),
             "--save", w / "ckpt_sft", "--save-interval", a.sft_iters, *(["--ep", "2"] if a.moe else [])]),
             env=self.train_env)
         heldout_json = w / "heldout_eval.jsonl"

@@ -124,6 +124,22 @@ def test_every_preset_has_a_recipe_with_warmup():
     assert RECIPES["mini-llm"].lr < RECIPES["small"].lr < RECIPES["tiny"].lr
 
 
+def test_sft_runs_on_its_own_recipe_and_the_main_job_on_the_recipes():
+    """With no lr/warmup flags (as the main job runs them) the CLI resolves pretraining to the preset's recipe and
+    SFT to the SFT recipe, whatever the preset: the schedule the main job used to spell out as flags."""
+    from megatron_lite.config import get_preset
+    from megatron_lite.training.cli import build_parser, plan_parallel
+
+    for kind, model, iters, lr, warmup in (("pretrain", "tiny", 260, 2e-3, 13), ("pretrain", "tiny-moe", 260, 2e-3, 13),
+                                           ("pretrain", "small", 100, 1e-3, 5), ("sft", "small", 250, 1e-3, 12)):
+        args = ["--train-iters", str(iters), "--data-path", "x", "--micro-batch-size", "2"]
+        args += ["--model", model] if kind == "pretrain" else ["--pretrained", "p"]
+        a = build_parser(kind).parse_args(args)
+        _, cfg, _ = plan_parallel(a, get_preset(model), load_ds_config(ZERO2))
+        assert cfg["optimizer"]["params"]["lr"] == lr, (kind, model)
+        assert cfg["scheduler"]["params"]["warmup_num_steps"] == warmup, (kind, model)
+
+
 def test_use_muon_on_hidden_matrices_only():
     from megatron_lite.config import get_preset
     from megatron_lite.model.gpt import GPT

@@ -29,7 +29,7 @@ class Recipe:
         return max(1, round(self.warmup_frac * train_iters)) if self.warmup_frac > 0 else 0
 
 
-# What a ds_config entry of "auto" means without a preset (SFT, direct resolve_ds_config calls): the values
+# What a ds_config entry of "auto" means without a preset (direct resolve_ds_config calls): the values
 # the shipped ds_configs held before they became "auto".
 FALLBACK = Recipe()
 
@@ -42,5 +42,10 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe_for(preset: str | None) -> Recipe:
-    return RECIPES.get(preset or "", FALLBACK)
+# Fine-tuning from a pretrained checkpoint (launch/sft.py), whatever the preset: a short warmup keeps the first
+# steps on a new data format from undoing pretraining.
+SFT = Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05)
+
+
+def recipe_for(preset: str | None, sft: bool = False) -> Recipe:
+    return SFT if sft else RECIPES.get(preset or "", FALLBACK)
