@@ -3,6 +3,7 @@ process, and two gloo ranks against it) from a short pretraining run on the sess
 from __future__ import annotations
 
 import copy
+import json
 import importlib.util
 from collections import defaultdict
 from types import SimpleNamespace
@@ -198,3 +199,22 @@ def test_dpo_flag_errors_before_any_work(tiny_data, tmp_path):
         main("dpo", base + ["--ref", str(tmp_path / "other")])
     with pytest.raises(UserError, match="sft_text_document_chosen_text_document"):  # SFT data, not pairs
         main("dpo", base)
+
+
+@pytest.mark.multirank
+def test_moe_reference_on_two_expert_parallel_ranks(tiny_data, tmp_path):
+    """--ep 2: the reference's experts are split and exchanged like the policy's (DeepSpeed-MoE groups handed
+    to it), so before any update the policy and reference agree exactly in eval mode: loss log 2, rewards 0."""
+    from inference_utils import make_checkpoint
+
+    make_checkpoint(tmp_path / "moe", moe=True)
+    rows = [json.loads(line) for line in open(tiny_data["dir"] / "pref_train.jsonl")][:64]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preprocess(str(tmp_path / "p.jsonl"), str(tmp_path / "p"), str(tmp_path / "moe" / "tokenizer"), preference=True)
+    launch_utils.run("launch/dpo.py", ["--pretrained", tmp_path / "moe", "--data-path", tmp_path / "p", "--ep", 2,
+                                       "--seq-length", SEQ, "--micro-batch-size", 2, "--train-iters", 1, "--lr", 0,
+                                       "--eval-interval", 1, "--eval-iters", 2, "--split", "90,10,0",
+                                       "--save", tmp_path / "dpo"], ranks=2, launcher="torchrun")
+    (row,) = metrics(tmp_path / "dpo")
+    assert row["eval_loss"] == pytest.approx(np.log(2), abs=1e-6) and row["eval_reward_margin"] == 0.0
+    assert row["eval_reward_chosen"] == row["eval_reward_rejected"] == 0.0 and "expert_load" in row

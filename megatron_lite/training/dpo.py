@@ -60,15 +60,22 @@ def check_dpo_args(a, config: ModelConfig) -> ModelConfig:
     return ref
 
 
-def build_reference(path: str, config: ModelConfig, dims, seed: int, like: torch.nn.Module) -> torch.nn.Module:
+def build_reference(path: str, config: ModelConfig, dims, seed: int, engine) -> torch.nn.Module:
     """The frozen reference model from checkpoint `path`, in this rank's tp/ep layout, on the device and in
-    the dtype of `like` (the engine's module), in eval mode (no router noise, no dropout)."""
+    the dtype of the engine's model, in eval mode (no router noise, no dropout)."""
     from megatron_lite.checkpoint.load import load_weights_into
     from megatron_lite.training.engine import build_model
 
     ref = build_model(config, dims, seed)
     load_weights_into(ref, path)
-    p = next(like.parameters())
+    # DeepSpeed-MoE layers learn their expert-parallel group from deepspeed.initialize, which the reference
+    # never sees: hand them the engine's groups as the engine does for its own model (without them the
+    # reference's all-to-all would run over the wrong group).
+    ds_config = getattr(engine, "_config", None)
+    for m in ref.modules():
+        if hasattr(m, "set_deepspeed_parallelism"):
+            m.set_deepspeed_parallelism(getattr(ds_config, "use_data_before_expert_parallel_", False))
+    p = next(engine.module.parameters())
     ref.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
     return ref
 
@@ -131,7 +138,7 @@ class DPOObjective:
 def build_objective(a, ref_config: ModelConfig, dims, engine, is_rank0: bool) -> DPOObjective:
     """The objective of a DPO run: the reference from --ref or --pretrained, next to the engine's model."""
     path = a.ref or a.pretrained
-    ref = build_reference(path, ref_config, dims, a.seed, engine.module)
+    ref = build_reference(path, ref_config, dims, a.seed, engine)
     if is_rank0:
         print(f"DPO reference model: {path} (frozen), beta {a.beta}")
     return DPOObjective(ref, a.beta)
