@@ -55,6 +55,8 @@ def check_dpo_args(a, config: ModelConfig) -> ModelConfig:
     if ref.vocab_size != config.vocab_size:
         raise UserError(f"--ref {a.ref}: vocab_size {ref.vocab_size} differs from --pretrained's {config.vocab_size}; "
                         f"the reference must use the same tokenizer")
+    if ref.is_moe and ref.num_experts % a.ep:
+        raise UserError(f"--ref {a.ref}: its {ref.num_experts} experts do not divide over --ep {a.ep}")
     if a.seq_length > ref.max_seq_len:
         raise UserError(f"--seq-length {a.seq_length} exceeds --ref {a.ref}'s max_seq_len {ref.max_seq_len}")
     return ref
