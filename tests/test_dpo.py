@@ -144,7 +144,8 @@ def heldout_margin(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, f
 @pytest.mark.e2e
 def test_dpo_run_raises_heldout_margin(dpo_setup):
     d = dpo_setup
-    launch_utils.run("launch/dpo.py", dpo_args(d, d / "dpo", "--micro-batch-size", 8))
+    p = launch_utils.run("launch/dpo.py", dpo_args(d, d / "dpo", "--micro-batch-size", 8))
+    assert "step 20 | loss " in p.stdout + p.stderr and "| reward_margin " in p.stdout + p.stderr
     rows = metrics(d / "dpo")
     assert [r["step"] for r in rows] == list(range(1, 21))
     for r in rows:
