@@ -1,4 +1,5 @@
 """Embedded corpus: formats, held-out split by file/question, correct arithmetic, real docstrings."""
+import importlib
 import inspect
 import json
 import re
@@ -15,7 +16,7 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     counts = write_corpus(str(d), pretrain_mb=0.5, sft_arith=300, seed=0)
     rows = {k: [json.loads(line) for line in open(d / f"{k}.jsonl", encoding="utf-8")]
-            for k in ("pretrain_train", "pretrain_valid", "sft_train", "sft_valid")}
+            for k in ("pretrain_train", "pretrain_valid", "sft_train", "sft_valid", "pref_train", "pref_valid")}
     return d, counts, rows
 
 
@@ -62,12 +63,47 @@ def test_stdlib_qa_uses_real_docstrings(corpus):
     assert any(k.startswith("What does") for k, _ in _qa(rows["sft_valid"]))
 
 
+def test_preference_pairs(corpus):
+    """Arithmetic: the exact answer over a near miss; stdlib: the real summary over its words shuffled; held
+    out by the SFT rows' rule, so no held-out SFT question or function is trained on as a preference."""
+    _, counts, rows = corpus
+    n_arith = n_doc = 0
+    for row in rows["pref_train"] + rows["pref_valid"]:
+        if "prompt" in row:
+            m = re.fullmatch(r"\D*?(\d+) ([+*-]) (\d+)\D*", row["prompt"])
+            x, op, y = int(m[1]), m[2], int(m[3])
+            assert row["chosen"] == str({"+": x + y, "-": x - y, "*": x * y}[op])
+            assert row["rejected"] != row["chosen"] and 1 <= abs(int(row["rejected"]) - int(row["chosen"])) <= 100
+            n_arith += 1
+        else:
+            (q,) = row["conversations"]
+            chosen, rejected = row["chosen"]["content"], row["rejected"]["content"]
+            name = re.search(r"`(.+)`", q["content"])[1]
+            mod, _, attr = name.rpartition(".")
+            assert chosen == inspect.getdoc(getattr(importlib.import_module(mod), attr)).split("\n\n")[0].replace(
+                "\n", " ").strip()
+            assert rejected != chosen and sorted(rejected.split()) == sorted(chosen.split())
+            n_doc += 1
+    assert n_arith == 2000 and n_doc > 200
+    sft_valid_q = {c[0]["content"] if c[0]["role"] == "user" else c[1]["content"]
+                   for c in (r["conversations"] for r in rows["sft_valid"])}
+    sft_train_q = {q for q, _ in _qa(rows["sft_train"])}
+
+    def question(row):
+        return row["prompt"] if "prompt" in row else row["conversations"][0]["content"]
+
+    valid_q = {question(r) for r in rows["pref_valid"]}
+    train_q = {question(r) for r in rows["pref_train"]}
+    assert valid_q and not valid_q & train_q
+    assert not valid_q & sft_train_q and not train_q & sft_valid_q
+
+
 def test_deterministic_and_cli(corpus, tmp_path):
     d, _, _ = corpus
     r = subprocess.run([sys.executable, "-m", "megatron_lite.data.corpus", "--output-dir", str(tmp_path),
                         "--pretrain-mb", "0.5", "--sft-arith", "300"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    for k in ("pretrain_train", "sft_train", "sft_valid"):
+    for k in ("pretrain_train", "sft_train", "sft_valid", "pref_train", "pref_valid"):
         assert (tmp_path / f"{k}.jsonl").read_bytes() == (d / f"{k}.jsonl").read_bytes()
     r = subprocess.run([sys.executable, "-m", "megatron_lite.data.corpus", "--help"], capture_output=True, text=True)
     assert "--output-dir" in r.stdout and "--pretrain-mb" in r.stdout and "sft_train.jsonl" in r.stdout

@@ -11,7 +11,15 @@ rendered with the ChatML template and two aligned datasets are written:
     P_text_document       token ids of the rendered conversation
     P_loss_mask_document  uint8, 1 on assistant content tokens and their <|im_end|>, else 0
 
-Bad lines (invalid UTF-8 or JSON, missing key, non-string or empty value, malformed conversation) are
+With --preference (DPO data), each line is {"prompt": str | "conversations": [messages...],
+"chosen": answer, "rejected": answer} (an answer: a string or one assistant message), and each answer is
+rendered as the whole ChatML conversation with the answer as the last assistant turn:
+    P_chosen_text_document, P_chosen_loss_mask_document      the chosen conversation, 1 on its answer
+    P_rejected_text_document, P_rejected_loss_mask_document  the rejected one, likewise
+launch/dpo.py --data-path P reads the four.
+
+Bad lines (invalid UTF-8 or JSON, missing key, non-string or empty value, malformed conversation or
+preference row) are
 skipped and counted; --strict stops at the first one instead. Output is written under temporary
 names and renamed only after the whole input succeeded, so a failed run leaves no partial dataset.
 """
@@ -40,6 +48,9 @@ def get_args(argv=None):
     p.add_argument("--chat", action="store_true",
                    help="SFT mode: render conversations with the chat template and also write "
                         "P_loss_mask_document aligned with P_text_document")
+    p.add_argument("--preference", action="store_true",
+                   help="DPO mode: read prompt/conversations + chosen + rejected and write "
+                        "P_{chosen,rejected}_{text,loss_mask}_document (loss mask on each answer only)")
     p.add_argument("--workers", type=int, default=1,
                    help="tokenizer processes (1 = in-process, using the tokenizer's own threads)")
     p.add_argument("--batch-size", type=int, default=1000, help="lines per encode batch / work item")
@@ -59,7 +70,8 @@ def main(argv=None):
         from megatron_lite.data.preprocess import preprocess
 
         return preprocess(args.input, args.output_prefix, args.tokenizer, args.json_keys, args.append_eod,
-                          args.chat, args.workers, args.batch_size, args.batch_mb, args.strict, args.log_interval)
+                          args.chat, args.workers, args.batch_size, args.batch_mb, args.strict, args.log_interval,
+                          args.preference)
 
 
 if __name__ == "__main__":

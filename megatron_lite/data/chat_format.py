@@ -88,15 +88,18 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False):
     return "".join(parts), spans
 
 
-def encode_chat(tokenizer, messages, add_generation_prompt: bool = False):
+def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, last_turn_only: bool = False):
     """Token ids of a conversation (either spelling) and a same-length 0/1 loss mask.
 
     The mask is 1 exactly on assistant content tokens and their <|im_end|> — the tokens the model must
-    learn to produce. It is derived from character offsets of one tokenisation of the whole rendered
+    learn to produce; with `last_turn_only`, on the last assistant turn's only (a preference answer: the
+    earlier turns are part of its prompt). It is derived from character offsets of one tokenisation of the whole rendered
     text, so it is right for any tokenizer, whatever it does at segment boundaries.
     Raises MessageError for a malformed conversation.
     """
     text, spans = render_chat(normalize_messages(messages), add_generation_prompt)
+    if last_turn_only:
+        spans = spans[-1:]
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # HF wrapper or bare `tokenizers`
     enc = backend.encode(text, add_special_tokens=False)
     ids = list(enc.ids)

@@ -10,7 +10,9 @@ The pipeline, one stage per section below:
 
 Text mode writes P_{key}_document per --json-keys field. Chat mode renders each line's conversation with
 ChatML and writes P_text_document (token ids) and P_loss_mask_document (uint8, 1 on assistant content
-tokens and their <|im_end|>).
+tokens and their <|im_end|>). Preference mode (DPO data, see preference_format.py) writes that pair twice,
+P_chosen_{text,loss_mask}_document and P_rejected_{text,loss_mask}_document, one document per row in each,
+the mask 1 on the answer only.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from megatron_lite.data.chat_format import encode_chat
+from megatron_lite.data.preference_format import BAD_PREFERENCE_KINDS, PreferenceRowError, encode_preference
 from megatron_lite.errors import UserError
 
 BAD_KINDS = {
@@ -38,7 +41,9 @@ BAD_KINDS = {
     "empty_text": "has empty text (nothing to tokenize)",
     "bad_conversation": "has a malformed conversation (need a list of {role, content} or {from, value})",
     "no_assistant": "has a conversation with no assistant turn (nothing to train on)",
+    **BAD_PREFERENCE_KINDS,
 }
+PREFERENCE_KEYS = ["chosen_text", "chosen_loss_mask", "rejected_text", "rejected_loss_mask"]
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz")
 
 
@@ -159,8 +164,8 @@ def _encode_batch(backend, texts):
         return out, bad
 
 
-def parse_line(item, keys):
-    """(values, bad kind) of one (line number, raw bytes | record) item: values has one entry per key."""
+def parse_record(item):
+    """(record dict, bad kind) of one (line number, raw bytes | record) item."""
     _lineno, raw = item
     if isinstance(raw, bytes):
         if not raw.strip():
@@ -175,6 +180,14 @@ def parse_line(item, keys):
             return None, "invalid_json"
         if not isinstance(raw, dict):
             return None, "not_object"
+    return raw, None
+
+
+def parse_line(item, keys):
+    """(values, bad kind) of one (line number, raw bytes | record) item: values has one entry per key."""
+    raw, kind = parse_record(item)
+    if kind:
+        return None, kind
     values = []
     for k in keys:
         if k not in raw:
@@ -199,6 +212,7 @@ class EncodeSettings:
     chat: bool
     dtype: type
     eod: int
+    preference: bool = False  # rows of {prompt | conversations, chosen, rejected}; keys unused
 
 
 class EncodedBatch(NamedTuple):
@@ -229,18 +243,21 @@ class BatchEncoder:
         for item in batch:
             if isinstance(item[1], bytes):
                 nbytes += len(item[1])
-            values, kind = parse_line(item, s.keys)
+            values, kind = parse_record(item) if s.preference else parse_line(item, s.keys)
             if kind == "blank":
                 blank += 1
             elif kind:
                 bad.append((item[0], kind))
             else:
                 rows.append((item[0], values))
-        out = self.encode_chat_rows(rows, bad) if s.chat else self.encode_text_rows(rows, bad)
+        encode = (self.encode_preference_rows if s.preference else self.encode_chat_rows if s.chat
+                  else self.encode_text_rows)
+        out = encode(rows, bad)
         bad.sort()
-        packed = {k: pack(v, np.uint8 if k == "loss_mask" else s.dtype) for k, v in out.items()}
+        packed = {k: pack(v, np.uint8 if k.endswith("loss_mask") else s.dtype) for k, v in out.items()}
         if not isinstance(batch[0][1], bytes):  # records from `datasets`: count the text we read
-            nbytes = sum(len(v) for _, vals in rows for v in vals if isinstance(v, str))
+            nbytes = sum(len(v) for _, vals in rows for v in (vals.values() if s.preference else vals)
+                         if isinstance(v, str))
         return EncodedBatch(packed, bad, blank, nbytes, len(batch))
 
     def encode_text_rows(self, rows, bad) -> dict:
@@ -285,6 +302,23 @@ class BatchEncoder:
             docs.append(ids + self.eod)
             masks.append(mask + [0] * len(self.eod))
         return {"text": docs, "loss_mask": masks}
+
+    def encode_preference_rows(self, rows, bad) -> dict:
+        """{PREFERENCE_KEYS: lists} of the usable rows, one document per row in each; the others go to `bad`."""
+        out = {k: [] for k in PREFERENCE_KEYS}
+        for lineno, row in rows:
+            try:
+                pair = encode_preference(self.backend, row)
+            except PreferenceRowError as e:
+                bad.append((lineno, e.kind))
+                continue
+            except (TypeError, UnicodeEncodeError):
+                bad.append((lineno, "invalid_utf8"))
+                continue
+            for (ids, mask), side in zip(pair, ("chosen", "rejected")):
+                out[f"{side}_text"].append(ids + self.eod)
+                out[f"{side}_loss_mask"].append(mask + [0] * len(self.eod))
+        return out
 
 
 # The encoder of this worker process, built once by `_start_worker` (the Pool initializer).
@@ -375,8 +409,16 @@ class Progress:
         self.bar.close()
 
 
-def _output_keys(json_keys, chat: bool, workers: int, batch_size: int) -> tuple[list[str], list[str]]:
+def _output_keys(json_keys, chat: bool, workers: int, batch_size: int,
+                 preference: bool = False) -> tuple[list[str], list[str]]:
     """(--json-keys with its default, the output dataset keys), after checking the options."""
+    if preference:
+        if chat or json_keys is not None:
+            raise UserError("--preference reads its own fields (prompt or conversations, chosen, rejected); "
+                            "drop --chat and --json-keys")
+        if workers < 1 or batch_size < 1:
+            raise UserError("--workers and --batch-size must be >= 1")
+        return ["prompt|conversations", "chosen", "rejected"], list(PREFERENCE_KEYS)
     if json_keys is None:
         json_keys = ["conversations"] if chat else ["text"]
     if chat and len(json_keys) != 1:
@@ -388,23 +430,24 @@ def _output_keys(json_keys, chat: bool, workers: int, batch_size: int) -> tuple[
 
 def preprocess(input_path: str, output_prefix: str, tokenizer: str, json_keys: list[str] | None = None,
                append_eod: bool = False, chat: bool = False, workers: int = 1, batch_size: int = 1000,
-               batch_mb: float = 1.0, strict: bool = False, log_interval: int = 10000) -> dict:
+               batch_mb: float = 1.0, strict: bool = False, log_interval: int = 10000,
+               preference: bool = False) -> dict:
     """Tokenize the input file into P_{key}_document.{bin,idx,meta.json} datasets; returns counts and timing."""
     from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
     from megatron_lite.data.tokenizer import load_backend
 
-    json_keys, keys = _output_keys(json_keys, chat, workers, batch_size)
+    json_keys, keys = _output_keys(json_keys, chat, workers, batch_size, preference)
     _, info = load_backend(tokenizer)
     dtype = best_dtype(info["vocab_size"])
     meta = {"tokenizer": os.path.abspath(tokenizer), "vocab_size": info["vocab_size"],
             "eod_id": info["eos_id"], "pad_id": info["pad_id"], "append_eod": append_eod,
             "input": os.path.abspath(input_path)}
     builders = {k: IndexedDatasetBuilder(f"{output_prefix}_{k}_document",
-                                         np.uint8 if k == "loss_mask" else dtype,
+                                         np.uint8 if k.endswith("loss_mask") else dtype,
                                          dict(meta, json_key=json_keys[0] if chat else k))
                 for k in keys}
     settings = EncodeSettings(os.path.join(tokenizer, "tokenizer.json"), tuple(json_keys), append_eod, chat,
-                              dtype, info["eos_id"])
+                              dtype, info["eos_id"], preference)
     bad_lines = BadLines(input_path, strict)
     n_lines = n_docs = n_tokens = blank = 0
     t0 = time.time()
@@ -425,7 +468,8 @@ def preprocess(input_path: str, output_prefix: str, tokenizer: str, json_keys: l
         if n_docs == 0:
             raise UserError(f"no usable documents in {input_path} ({n_lines} lines read"
                             f"{'; ' + bad_lines.summary(n_lines) if bad_lines.counts else ''})"
-                            f"; check --json-keys {' '.join(json_keys)}")
+                            + ("; each line needs a prompt (or conversations), chosen and rejected" if preference
+                               else f"; check --json-keys {' '.join(json_keys)}"))
         for b in builders.values():
             b.meta["skipped_lines"] = dict(bad_lines.counts)
             b.finalize()

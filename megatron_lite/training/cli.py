@@ -1,4 +1,4 @@
-"""Command line of launch/pretrain.py and launch/sft.py: flags, validation and wiring of the pieces.
+"""Command line of launch/pretrain.py, launch/sft.py and launch/dpo.py: flags, validation and wiring.
 
 Both scripts run unchanged as `python launch/X.py ...` (one process) and under
 `deepspeed --num_gpus N launch/X.py ...` (N ranks: GPUs, or gloo processes on CPU).
@@ -19,6 +19,7 @@ from megatron_lite.checkpoint.save import check_save_space, write_run_files
 from megatron_lite.config import PRESETS, ModelConfig, get_preset, pad_vocab_size
 from megatron_lite.data.gpt_dataset import build_gpt_datasets, parse_data_path
 from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.preference_dataset import build_preference_datasets, preference_prefixes
 from megatron_lite.data.sft_dataset import build_sft_datasets, sft_prefixes
 from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.errors import UserError, exit_on_user_error
@@ -26,7 +27,8 @@ from megatron_lite.parallel import ParallelDims, init_distributed
 from megatron_lite.training.activation_checkpointing import checkpoint_blocks
 from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
 from megatron_lite.training.engine import build_engine, build_model
-from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, train
+from megatron_lite.training import dpo
+from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, lm_objective, train
 from megatron_lite.training.monitor import Monitor
 from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
 from megatron_lite.training.rng import set_rng_state
@@ -39,11 +41,13 @@ CPU_PEAK_GFLOPS_PER_THREAD = 80.0  # fp32 GEMM peak of one core of the reference
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
-    sft = kind == "sft"
+    sft = kind in ("sft", "dpo")  # both start from --pretrained
     p = argparse.ArgumentParser(
         prog=f"launch/{kind}.py",
         description=("Supervised fine-tuning (loss on assistant tokens only) from a pretrained checkpoint."
-                     if sft else "Pretrain a GPT (dense or MoE) with DeepSpeed ZeRO.")
+                     if kind == "sft" else "DPO (preference optimization against a frozen reference model) from "
+                     "a pretrained or SFT checkpoint." if kind == "dpo"
+                     else "Pretrain a GPT (dense or MoE) with DeepSpeed ZeRO.")
         + " Runs as `python launch/%s.py ...` or `deepspeed --num_gpus N launch/%s.py ...`." % (kind, kind),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
@@ -65,10 +69,11 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", required=True,
                    help="dataset prefix, or a Megatron blend 'W1 P1 W2 P2 ...'"
-                   + (" (SFT data from preprocess_data.py --chat)" if sft else ""))
+                   + {"sft": " (SFT data from preprocess_data.py --chat)",
+                      "dpo": " (pairs from preprocess_data.py --preference: P, or P_chosen_text_document)"}.get(kind, ""))
     g.add_argument("--split", default="969,30,1", help="train,valid,test document proportions")
     g.add_argument("--seq-length", type=int, default=256, help="tokens per sample (<= the model's max_seq_len)")
-    if sft:
+    if kind == "sft":
         g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                        help="pack whole conversations into each sample, each attending only to itself, so little "
                             "compute goes to padding; --no-pack: one conversation per sample, right-padded")
@@ -77,7 +82,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         "batch, optimizer and schedule",
         "A flag beats an explicit ds_config value, which beats the preset's recipe (ds_config entries left "
         "\"auto\", as in the shipped ones; see megatron_lite/training/recipe.py and README). "
-        + ("SFT's recipe: AdamW, lr 1e-3, 5%% warmup, cosine to 0.1 x lr." if sft else
+        + (f"{kind.upper()}'s recipe: AdamW, lr 1e-3, 5%% warmup, cosine to 0.1 x lr." if sft else
            "Unset (None) below means: from the ds_config, else the recipe of --model."))
     g.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"), metavar="PATH",
                    help="DeepSpeed JSON config (a path; see ds_configs/README.md)")
@@ -141,6 +146,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                         "(Megatron's flag): far less activation memory for about one more forward pass per step; "
                         "same losses, works with --tp, --ep and --compile, checkpoints unchanged")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    if kind == "dpo":
+        dpo.add_dpo_args(p)
     return p
 
 
@@ -172,8 +179,8 @@ def model_config(a, tokenizer) -> ModelConfig:
 
 
 def resolve_model(kind: str, a):
-    """(config, tokenizer_dir, tokenizer): SFT takes both from --pretrained, pretraining from the flags."""
-    if kind == "sft":
+    """(config, tokenizer_dir, tokenizer): SFT and DPO take both from --pretrained, pretraining from the flags."""
+    if kind != "pretrain":
         check_checkpoint_dir(a.pretrained)
         config = ModelConfig.load(a.pretrained)
         tok_dir = a.tokenizer or os.path.join(a.pretrained, "tokenizer")
@@ -231,10 +238,10 @@ def check_data(kind: str, data_path: list[str], vocab_size: int) -> None:
     produced, is one error line before anything is half-started or printed."""
     prefixes, _ = parse_data_path(data_path)
     for prefix in prefixes:
-        names = sft_prefixes(prefix) if kind == "sft" else (prefix,)
+        names = {"sft": sft_prefixes, "dpo": preference_prefixes}.get(kind, lambda p: (p,))(prefix)
         for name in names:
             ds = IndexedDataset(name)
-            if name == names[0]:
+            if not name.endswith("_loss_mask_document") or name == names[0]:
                 ds.check_vocab(vocab_size)
 
 
@@ -269,7 +276,7 @@ def start_distributed(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_
 
 def build_datasets(kind: str, a, s: TrainSettings):
     """(train, valid): enough samples for every step and every evaluation."""
-    build = build_sft_datasets if kind == "sft" else build_gpt_datasets
+    build = {"sft": build_sft_datasets, "dpo": build_preference_datasets}.get(kind, build_gpt_datasets)
     n_eval = a.eval_iters * s.global_batch if a.eval_interval else 0
     samples = (a.train_iters * s.global_batch, n_eval, 0)
     train_ds, valid_ds, _ = build(a.data_path, a.split, a.seq_length, a.seed, samples,
@@ -281,7 +288,7 @@ def build_datasets(kind: str, a, s: TrainSettings):
 
 def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict):
     model = build_model(config, dims, a.seed)
-    if kind == "sft" and not a.load:
+    if kind != "pretrain" and not a.load:
         # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
         # any tp / ep layout (or converted from HF) and keeps this rank's shard and experts.
         load_weights_into(model, a.pretrained)
@@ -295,7 +302,7 @@ def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims
 def resume(kind: str, a, engine, config: ModelConfig, is_rank0: bool) -> Progress:
     """The --load checkpoint's progress, its state restored into `engine` and the RNGs; else a fresh start."""
     if not a.load:
-        if kind == "sft" and is_rank0:
+        if kind != "pretrain" and is_rank0:
             print(f"initialised from pretrained {a.pretrained}")
         return Progress()
     client = load_training_checkpoint(engine, a.load, config)
@@ -322,7 +329,7 @@ def open_monitor(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_confi
 
 
 def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
-    """kind: 'pretrain' or 'sft'. Returns the last logged metrics (rank 0) for tests and scripts.
+    """kind: 'pretrain', 'sft' or 'dpo'. Returns the last logged metrics (rank 0) for tests and scripts.
     faults: failures injected by tests (tests/fault_launch.py); None for real runs."""
     a = build_parser(kind).parse_args(argv)
     a.load, fresh_start = resolve_load(a.load, a.save)  # `--save X --load X` before X holds a checkpoint
@@ -331,6 +338,7 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     raw_ds_config = load_ds_config(a.deepspeed)
     config, tok_dir, tokenizer = resolve_model(kind, a)
     check_model_fits(a, config)
+    ref_config = dpo.check_dpo_args(a, config) if kind == "dpo" else None
     dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
     check_data(kind, a.data_path, len(tokenizer))
     if a.save:
@@ -341,11 +349,13 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
         print(fresh_start)
     train_ds, valid_ds = build_datasets(kind, a, s)
     engine = build_model_and_engine(kind, a, config, dims, ds_config)
+    objective = dpo.build_objective(a, ref_config, dims, engine, rank == 0) if kind == "dpo" else lm_objective
     progress = resume(kind, a, engine, config, rank == 0)
     monitor = open_monitor(kind, a, config, dims, ds_config, tok_dir, world, progress.iteration, rank == 0)
     try:
         with StopRequest() as stop:  # SIGTERM/SIGINT: save at the current step and exit 0
-            return train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, progress, stop, faults)
+            return train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, progress, stop, faults,
+                         objective)
     finally:
         monitor.close()
 

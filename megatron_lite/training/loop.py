@@ -5,6 +5,13 @@ of samples consumed before it. Micro-step m of data-parallel rank r reads
     c + (m * dp + r) * micro_batch  ...  + micro_batch
 so the global batch is the same set of samples for any split into dp x grad_accum, and resuming only needs
 c (samples are a pure function of their index). Tensor-parallel ranks of one dp rank read the same data.
+
+The objective. By default a micro-batch's loss is the model's own LM loss (pretraining, SFT). `train` takes
+another `objective(engine, micro_batch) -> output` (DPO: training/dpo.py): the output has the model output's
+fields (loss, logits, aux_loss, expert_counts) and may add `metrics`, scalar tensors that are averaged over
+the logged steps like the loss and written beside it (evaluation adds them as eval_NAME). Such an objective
+names them up front in `metric_names`, so every rank reduces the same list even when one had nothing to
+score.
 """
 from __future__ import annotations
 
@@ -143,6 +150,11 @@ def micro_batch(dataset, s: TrainSettings, first_sample: int, micro_step: int, d
                       num_tokens)
 
 
+def lm_objective(engine, mb: MicroBatch):
+    """The model's own next-token loss on the micro-batch's labels."""
+    return mb.forward(engine)
+
+
 def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     """Training FLOPs per token: 6 x active weights touched by matmuls + causal-free attention scores
     (PaLM appendix B, as Megatron/nanoGPT count it)."""
@@ -174,12 +186,12 @@ def _to_float(x):
 
 
 @torch.no_grad()
-def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
-    """Mean LM loss and perplexity over the first eval_iters global batches of `dataset` (the same
-    samples every time, so successive evals are comparable)."""
+def eval_metrics(engine, dataset, s: TrainSettings, group, objective=lm_objective) -> dict:
+    """Mean loss (and the objective's metrics) over the first eval_iters global batches of `dataset` (the
+    same samples every time, so successive evals are comparable)."""
     engine.eval()
     dev = engine.device
-    total = torch.zeros((), device=dev)
+    sums = {k: torch.zeros((), device=dev) for k in ("loss", *getattr(objective, "metric_names", ()))}
     n = 0
     per_rank_steps = s.eval_iters * s.grad_accum
     for m in range(per_rank_steps):
@@ -187,10 +199,19 @@ def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
             break
         mb = micro_batch(dataset, s, 0, m, dev)
         if mb.has_targets:
-            total += mb.forward(engine).loss.float()
+            out = objective(engine, mb)
+            for k, v in {"loss": out.loss, **(getattr(out, "metrics", None) or {})}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
             n += 1
     engine.train()
-    loss = _dp_mean(total / max(n, 1), group).item()
+    names = list(sums)
+    means = _dp_mean(torch.stack([sums[k] for k in names]) / max(n, 1), group).tolist()
+    return dict(zip(names, means))
+
+
+def evaluate(engine, dataset, s: TrainSettings, group) -> tuple[float, float]:
+    """Mean LM loss and perplexity over the first eval_iters global batches of `dataset`."""
+    loss = eval_metrics(engine, dataset, s, group)["loss"]
     return loss, math.exp(min(loss, 50.0))
 
 
@@ -200,8 +221,9 @@ class LogInterval:
     The sums stay on the device: nothing syncs with the host until `row()` builds the log step's metrics
     (and starts the next interval)."""
 
-    def __init__(self, s: TrainSettings, config: ModelConfig, dev: torch.device, dp_group):
+    def __init__(self, s: TrainSettings, config: ModelConfig, dev: torch.device, dp_group, metric_names=()):
         self.s, self.config, self.dev, self.dp_group = s, config, dev, dp_group
+        self.metric_names = tuple(metric_names)  # the objective's own metrics, summed like the loss
         self.flops_per_token = flops_per_token(config, s.seq_length)
         self.run_started = self.started = time.perf_counter()  # `started` moves forward past eval and save time
         self.steps_timed = 0
@@ -214,6 +236,7 @@ class LogInterval:
         self.bad_sum = torch.zeros((), device=self.dev)  # of those, with a non-finite loss
         self.aux_sum = torch.zeros((), device=self.dev)
         self.counts_sum = None  # (layers, experts) tokens routed
+        self.metric_sums = {k: torch.zeros((), device=self.dev) for k in self.metric_names}
         self.num_tokens = 0  # non-padding tokens this rank trained on (a host count: no sync)
 
     def add_micro_batch(self, out, lm_loss: torch.Tensor, bad: torch.Tensor, has_targets: bool,
@@ -223,6 +246,8 @@ class LogInterval:
             self.loss_sum += torch.where(bad > 0, 0.0, lm_loss.detach().float())  # keep NaN out of the mean
             self.bad_sum += bad
             self.n_loss += 1
+            for k, v in (getattr(out, "metrics", None) or {}).items():
+                self.metric_sums[k] += torch.where(bad > 0, 0.0, v.detach().float())
         if out.aux_loss is not None:
             self.aux_sum += out.aux_loss.detach().float()
             c = out.expert_counts.detach().float()
@@ -240,8 +265,10 @@ class LogInterval:
         s, dev, group = self.s, self.dev, self.dp_group
         # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide. The same
         # reduction sums the ranks' real (non-padding) tokens, which is what tokens/s and MFU count.
+        names = self.metric_names
         stats = _dp_sum(torch.stack([self.loss_sum, torch.tensor(float(self.n_loss), device=dev) - self.bad_sum,
-                                     torch.tensor(float(self.num_tokens), device=dev)]), group)
+                                     torch.tensor(float(self.num_tokens), device=dev),
+                                     *(self.metric_sums[k] for k in names)]), group)
         # None when every micro-batch since the last log had a non-finite loss.
         loss = (stats[0] / stats[1]).item() if stats[1] > 0 else None
         now = time.perf_counter()
@@ -249,6 +276,8 @@ class LogInterval:
         self.steps_timed += self.steps
         metrics = {"step": p.iteration, "loss": loss, "lr": lr, "grad_norm": _to_float(grad_norm),
                    "tokens_per_s": tok_s, "consumed_samples": p.consumed_samples, "skipped_steps": p.skipped_steps}
+        for j, k in enumerate(names):
+            metrics[k] = (stats[3 + j] / stats[1]).item() if stats[1] > 0 else None
         if s.peak_flops:
             world = dist.get_world_size() if dist.is_initialized() else 1
             metrics["mfu"] = tok_s * self.flops_per_token / (s.peak_flops * world)
@@ -263,7 +292,7 @@ class LogInterval:
 
 
 def train_step(engine, dataset, s: TrainSettings, p: Progress, interval: LogInterval,
-               nan_at_steps: frozenset[int]) -> tuple[float, bool]:
+               nan_at_steps: frozenset[int], objective=lm_objective) -> tuple[float, bool]:
     """Optimizer step p.iteration + 1: grad_accum micro-batches forward and backward, then the update.
     Returns the learning rate the update used and whether it was skipped (non-finite loss or gradients)."""
     seed_step(s.seed, s.dp_rank, p.iteration)
@@ -275,7 +304,7 @@ def train_step(engine, dataset, s: TrainSettings, p: Progress, interval: LogInte
     for m in range(s.grad_accum):
         mb = micro_batch(dataset, s, p.consumed_samples, m, engine.device)
         has_targets = mb.has_targets
-        out = mb.forward(engine)
+        out = objective(engine, mb)
         # No targets: CE is 0/0 = NaN. Back-propagate an exact zero instead (every rank must still run
         # backward for ZeRO's gradient reduction) and leave the batch out of the logged loss.
         lm_loss = out.loss if has_targets else out.logits.sum() * 0.0
@@ -299,14 +328,18 @@ def is_log_step(it: int, s: TrainSettings) -> bool:
 
 
 def maybe_eval(engine, valid_ds, s: TrainSettings, dp_group, it: int, metrics: dict | None,
-               interval: LogInterval) -> dict | None:
-    """On eval steps (and the last step): this step's row with eval_loss and eval_ppl added."""
+               interval: LogInterval, objective=lm_objective) -> dict | None:
+    """On eval steps (and the last step): this step's row with eval_loss and eval_ppl (LM loss) or the
+    objective's eval_NAME metrics added."""
     if not (s.eval_interval and valid_ds is not None and s.eval_iters
             and (it % s.eval_interval == 0 or it == s.train_iters)):
         return metrics
     with interval.paused():
-        eval_loss, ppl = evaluate(engine, valid_ds, s, dp_group)
-    return {**(metrics or {"step": it}), "eval_loss": eval_loss, "eval_ppl": ppl}
+        ev = eval_metrics(engine, valid_ds, s, dp_group, objective)
+    row = {**(metrics or {"step": it}), **{f"eval_{k}": v for k, v in ev.items()}}
+    if objective is lm_objective:
+        row["eval_ppl"] = math.exp(min(ev["loss"], 50.0))
+    return row
 
 
 def check_bad_streak(p: Progress, s: TrainSettings) -> None:
@@ -339,15 +372,17 @@ def should_stop(it: int, s: TrainSettings, stop: StopRequest | None, dev: torch.
 
 
 def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, monitor, dp_group,
-          progress: Progress | None = None, stop: StopRequest | None = None, faults: Faults | None = None) -> dict:
-    """Run iterations progress.iteration+1 .. train_iters. Returns the last logged metrics.
+          progress: Progress | None = None, stop: StopRequest | None = None, faults: Faults | None = None,
+          objective=lm_objective) -> dict:
+    """Run iterations progress.iteration+1 .. train_iters with `objective` (see the module docstring).
+    Returns the last logged metrics.
 
     Non-finite loss or gradients: the update is skipped on every rank (see engine.NonFiniteSkippingAdamW;
     DeepSpeed's own overflow check may skip it first), counted in `skipped_steps`, and after
     `max_bad_steps` consecutive ones the run stops with a UserError, leaving the last checkpoint as it was."""
     p = progress or Progress()
     faults = faults or Faults()
-    interval = LogInterval(s, config, engine.device, dp_group)
+    interval = LogInterval(s, config, engine.device, dp_group, getattr(objective, "metric_names", ()))
     last = {}
 
     def save() -> None:  # collective
@@ -358,7 +393,7 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
         monitor.print(f"saved checkpoint {s.save_dir}/{tag}")
 
     while p.iteration < s.train_iters:
-        lr, skipped = train_step(engine, train_ds, s, p, interval, faults.nan_at_steps)
+        lr, skipped = train_step(engine, train_ds, s, p, interval, faults.nan_at_steps, objective)
         p.advance(s.global_batch, skipped)
         monitor.advance()
         if skipped:
@@ -367,7 +402,7 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
 
         metrics, eta = (interval.row(p, lr, engine.get_global_grad_norm()) if is_log_step(p.iteration, s)
                         else (None, None))
-        metrics = maybe_eval(engine, valid_ds, s, dp_group, p.iteration, metrics, interval)
+        metrics = maybe_eval(engine, valid_ds, s, dp_group, p.iteration, metrics, interval, objective)
         if metrics is not None:
             monitor.log(metrics, eta_s=eta)
             last = metrics
