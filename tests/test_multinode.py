@@ -68,3 +68,52 @@ def test_bad_hostfile_names_file_and_line(tmp_path, text, message):
         parse_hostfile(tmp_path / "h")
     assert f"hostfile {tmp_path / 'h'}" in str(e.value) and message in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+
+
+class _ShardEngine:
+    """Writes what DeepSpeed's ZeRO-2 engine writes on each rank: rank 0 the model states and its optimizer
+    shard, every other rank its optimizer shard only."""
+    device = "cpu"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        import torch
+        import torch.distributed as dist
+
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            torch.save({"it": client_state["it"]}, d / "mp_rank_00_model_states.pt")
+        torch.save({"it": client_state["it"]}, d / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt")
+        dist.barrier()  # as DeepSpeed's save_checkpoint ends
+
+
+def _save_node_local_and_shared(rank: int, world: int, base: str) -> dict:
+    from megatron_lite.checkpoint.save import save_training_checkpoint
+
+    local, shared = Path(base) / f"node{rank}", Path(base) / "shared"
+    if rank == 1:  # a crash mid-save left this node's half-written folder behind
+        (local / "tmp-global_step2").mkdir(parents=True)
+        (local / "tmp-global_step2" / "stale").write_text("x")
+    for it in (1, 2, 2):  # the second save of step 2 replaces the first (a rerun into the same folder)
+        save_training_checkpoint(_ShardEngine(rank), str(local), it, {"it": it})
+        save_training_checkpoint(_ShardEngine(rank), str(shared), it, {"it": it})
+    return {name: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+            for name, d in (("local", local), ("shared", shared))}
+
+
+@pytest.mark.multirank
+def test_node_local_save_commits_each_nodes_shards_and_only_rank0_writes_latest(tmp_path):
+    from dist_utils import run_distributed
+
+    node0, node1 = run_distributed(_save_node_local_and_shared, world_size=2, args=(str(tmp_path),))
+    shard = "zero_pp_rank_{}_mp_rank_00_optim_states.pt".format
+    assert node0["local"] == ["global_step1/mp_rank_00_model_states.pt", f"global_step1/{shard(0)}",
+                              "global_step2/mp_rank_00_model_states.pt", f"global_step2/{shard(0)}", "latest"]
+    assert node1["local"] == [f"global_step1/{shard(1)}", f"global_step2/{shard(1)}"]  # no latest, no tmp-*
+    assert node0["shared"] == node1["shared"] == [
+        "global_step1/mp_rank_00_model_states.pt", f"global_step1/{shard(0)}", f"global_step1/{shard(1)}",
+        "global_step2/mp_rank_00_model_states.pt", f"global_step2/{shard(0)}", f"global_step2/{shard(1)}", "latest"]
+    assert (tmp_path / "node0" / "latest").read_text() == (tmp_path / "shared" / "latest").read_text() == "global_step2"
