@@ -13,22 +13,125 @@ a resume where the nodes see different checkpoints is refused with one line; a b
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from launch_utils import REPO, env
+from launch_utils import DEEPSPEED, REPO, SMALL, env, losses
 from megatron_lite.errors import UserError
 from megatron_lite.hostfile import parse_hostfile
+from megatron_lite.parallel import free_port
+from megatron_lite.training.rank_agreement import mismatch
 
+TRAIN = ["--model", "tiny", *SMALL, "--tokenizer", "tok", "--data-path", "data/pt_text_document",
+         "--train-iters", "4", "--lr", "3e-3", "--warmup-iters", "2", "--save", "ckpt", "--load", "ckpt",
+         "--save-interval", "2"]
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
+SHARD1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # the only file rank 1 writes (ZeRO-2, dp 2)
+
+
+def make_node(root: Path, name: str, data: dict) -> Path:
+    """A node's working directory with its own copy of the tokenizer and the pretraining data."""
+    d = root / name
+    (d / "data").mkdir(parents=True)
+    shutil.copytree(data["tok"], d / "tok")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(data["pt"] + suffix, d / "data" / ("pt_text_document" + suffix))
+    return d
 
 
 def node_env() -> dict:
     # The `deepspeed` launcher next to this interpreter, as on a node whose environment is activated.
     return env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def run_nodes(cmds: dict[Path, list[str]], envs: dict[Path, dict] | None = None) -> dict[Path, subprocess.CompletedProcess]:
+    """Start one command per node directory at once (with that node's extra env); wait for all of them."""
+    envs = envs or {}
+    procs = {d: subprocess.Popen(cmd, cwd=d, env={**node_env(), **envs.get(d, {})}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for d, cmd in cmds.items()}
+    out = {}
+    try:
+        for d, p in procs.items():
+            stdout, stderr = p.communicate(timeout=300)
+            out[d] = subprocess.CompletedProcess(cmds[d], p.returncode, stdout, stderr)
+    finally:
+        for p in procs.values():  # a launcher that hangs takes its ranks with it
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return out
+
+
+def check_ok(results: dict[Path, subprocess.CompletedProcess]) -> None:
+    for d, r in results.items():
+        assert r.returncode == 0, (f"{d.name}: {' '.join(r.args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
+                                   f"{r.stderr[-5000:]}")
+
+
+def files(ckpt: Path) -> set[str]:
+    return {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
+
+
+@pytest.mark.multirank
+def test_two_nodes_torchrun_then_hostfile_resume_match_single_node(tiny_data, tmp_path):
+    ref = make_node(tmp_path, "ref", tiny_data)
+    check_ok(run_nodes({ref: [DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", PRETRAIN, *TRAIN]}))
+    expected = losses(ref / "ckpt")
+    assert sorted(expected) == [1, 2, 3, 4]
+
+    # 1. torchrun on each node, c10d rendezvous; ranks follow the sorted node addresses, so node 0 hosts rank 0.
+    n0, n1 = make_node(tmp_path, "n0", tiny_data), make_node(tmp_path, "n1", tiny_data)
+    port = free_port()
+    check_ok(run_nodes({d: [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                            "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                            "--local-addr", f"127.0.0.{r + 1}", PRETRAIN, *TRAIN, "--exit-interval", "2"]
+                        for r, d in enumerate((n0, n1))}))
+    assert losses(n0 / "ckpt") == {s: expected[s] for s in (1, 2)}
+    # Global rank 0 writes `latest`, metrics and the run files; node 1's disk gets its rank's shard, committed.
+    assert (n0 / "ckpt" / "latest").read_text() == "global_step2"
+    assert {"metrics.jsonl", "model_config.json", "args.json", "global_step2/mp_rank_00_model_states.pt",
+            "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= files(n0 / "ckpt")
+    assert SHARD1 not in " ".join(files(n0 / "ckpt"))
+    assert files(n1 / "ckpt") == {f"global_step2/{SHARD1}"}
+
+    # 2. The same resume command on both nodes: each node sees another checkpoint (node 1 has no `latest`),
+    # so rank 0 stops both with one line before anything is written.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes, one process each\nnode0 slots=1\nnode1 slots=1\n")
+    multinode = ["bash", str(REPO / "launch" / "multinode.sh"), str(hostfile), PRETRAIN, *TRAIN]
+    port = str(free_port())
+    hostenvs = {d: {"NODE_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+                for r, d in enumerate((n0, n1))}
+    before = {d: files(d / "ckpt") for d in (n0, n1)}
+    refused = run_nodes({d: multinode for d in (n0, n1)}, hostenvs)
+    assert all(r.returncode != 0 for r in refused.values())
+    host = socket.gethostname()
+    errors = [line for r in refused.values() for line in r.stderr.splitlines() if "error:" in line]
+    assert errors == [f"launch/pretrain.py: error: --load ckpt: rank 0 (host {host}) sees checkpoint global_step2 "
+                      f"there but rank 1 (host {host}) sees no checkpoint; every rank must read the same checkpoint: "
+                      "put --save/--load on a filesystem all nodes share, or copy the complete checkpoint folder "
+                      "(every node's global_stepN files and rank 0's latest) to each node"]
+    assert {d: files(d / "ckpt") for d in (n0, n1)} == before
+
+    # 3. What the line asks for: the complete checkpoint on both nodes (metrics stay on node 0), then resume.
+    shutil.copy(n1 / "ckpt" / "global_step2" / SHARD1, n0 / "ckpt" / "global_step2")
+    shutil.copytree(n0 / "ckpt", n1 / "ckpt", dirs_exist_ok=True, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    port = str(free_port())
+    for e in hostenvs.values():
+        e["MASTER_PORT"] = port
+    check_ok(run_nodes({d: multinode for d in (n0, n1)}, hostenvs))
+    assert losses(n0 / "ckpt") == expected
+    assert (n0 / "ckpt" / "latest").read_text() == "global_step4"
+    assert (n1 / "ckpt" / "latest").read_text() == "global_step2"  # node 1 never writes it
+    assert not (n1 / "ckpt" / "metrics.jsonl").exists()
+    assert {f for f in files(n1 / "ckpt") if f.startswith("global_step4")} == {f"global_step4/{SHARD1}"}
 
 
 def test_bad_hostfile_is_one_line_before_anything_starts(tmp_path):
@@ -68,6 +171,19 @@ def test_bad_hostfile_names_file_and_line(tmp_path, text, message):
         parse_hostfile(tmp_path / "h")
     assert f"hostfile {tmp_path / 'h'}" in str(e.value) and message in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_rank_agreement_names_the_rank_that_differs():
+    same = [("a", None, "global_step2"), ("b", None, "global_step2")]
+    assert mismatch(same, "ck") is None and mismatch([("a", None, None), ("b", None, None)], None) is None
+    assert mismatch([("a", None, "global_step4"), ("b", None, "global_step2")], "ck").startswith(
+        "--load ck: rank 0 (host a) sees checkpoint global_step4 there but rank 1 (host b) sees checkpoint global_step2;")
+    # A pre-flight error on one rank only: rank 0 reports it, naming where it happened.
+    assert mismatch([("a", None, None), ("b", "dataset d.idx: missing", None)], None) == \
+        "rank 1 (host b): dataset d.idx: missing"
+    assert mismatch([("a", "bad flag", None), ("b", "bad flag", None)], None) == "bad flag"
+    # Different checkpoints explain a pre-flight that fails on one node only, so they are reported first.
+    assert mismatch([("a", "1 ZeRO shard", "global_step2"), ("b", None, None)], "ck").startswith("--load ck: rank 0")
 
 
 class _ShardEngine:
