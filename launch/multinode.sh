@@ -23,6 +23,10 @@
 # (`--save CKPT --load CKPT` on every start resumes from the last checkpoint once there is one; dense models
 # can use --tp 2, which keeps tensor-parallel pairs inside a node; MoE + tp is refused.)
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 if [ $# -lt 2 ]; then
     echo "usage: [NODE_RANK=R] [MASTER_ADDR=A] [MASTER_PORT=P] bash $0 HOSTFILE SCRIPT [FLAGS...]" >&2
     exit 2

@@ -143,6 +143,8 @@ def test_bad_hostfile_is_one_line_before_anything_starts(tmp_path):
     assert p.stderr.strip() == (f"python -m megatron_lite.hostfile: error: hostfile {hostfile} line 2: 'node1' names "
                                 "no slots; write 'node1 slots=N' (N processes on that node)")
     assert p.stdout == ""
+    usage = subprocess.run(["bash", str(REPO / "launch" / "multinode.sh"), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "NODE_RANK=R" in usage.stdout and "MASTER_PORT" in usage.stdout
 
 
 VALID_HOSTFILES = ["node0 slots=8\nnode1 slots=8\n",
