@@ -22,7 +22,7 @@ from megatron_lite.errors import UserError
 
 def launched_with_peers() -> bool:
     """Whether a launcher started this process as one of several ranks (they wait for it at start-up)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _what(tag: str | None) -> str:
