@@ -86,13 +86,9 @@ def test_two_nodes_torchrun_then_hostfile_resume_match_single_node(tiny_data, tm
     expected = losses(ref / "ckpt")
     assert sorted(expected) == [1, 2, 3, 4]
 
-    # 1. torchrun on each node, c10d rendezvous; ranks follow the sorted node addresses, so node 0 hosts rank 0.
+    # 1. torchrun on each node (c10d rendezvous), to a checkpoint at step 2.
     n0, n1 = make_node(tmp_path, "n0", tiny_data), make_node(tmp_path, "n1", tiny_data)
-    port = free_port()
-    check_ok(run_nodes({d: [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                            "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                            "--local-addr", f"127.0.0.{r + 1}", PRETRAIN, *TRAIN, "--exit-interval", "2"]
-                        for r, d in enumerate((n0, n1))}))
+    check_ok(torchrun_nodes((n0, n1), *TRAIN, "--exit-interval", "2"))
     assert losses(n0 / "ckpt") == {s: expected[s] for s in (1, 2)}
     # Global rank 0 writes `latest`, metrics and the run files; node 1's disk gets its rank's shard, committed.
     assert (n0 / "ckpt" / "latest").read_text() == "global_step2"
@@ -132,6 +128,32 @@ def test_two_nodes_torchrun_then_hostfile_resume_match_single_node(tiny_data, tm
     assert (n1 / "ckpt" / "latest").read_text() == "global_step2"  # node 1 never writes it
     assert not (n1 / "ckpt" / "metrics.jsonl").exists()
     assert {f for f in files(n1 / "ckpt") if f.startswith("global_step4")} == {f"global_step4/{SHARD1}"}
+
+
+def torchrun_nodes(nodes: tuple[Path, ...], *args) -> dict[Path, subprocess.CompletedProcess]:
+    """The same torchrun command on every node, c10d rendezvous. Ranks follow the sorted node addresses
+    (torchrun ignores --node-rank with c10d), so node i, at 127.0.0.(i+1), hosts rank i."""
+    port = free_port()
+    return run_nodes({d: [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes)),
+                          "--nproc-per-node", "1", "--node-rank", str(r), "--rdzv-backend", "c10d",
+                          "--rdzv-endpoint", f"127.0.0.1:{port}", "--local-addr", f"127.0.0.{r + 1}", PRETRAIN,
+                          *args] for r, d in enumerate(nodes)})
+
+
+@pytest.mark.multirank
+def test_a_check_failing_on_one_node_only_stops_every_node_with_one_line(tiny_data, tmp_path):
+    """Node 1 lacks a data file: its rank fails its pre-flight alone. It still joins the others to say so,
+    so rank 0 prints one line naming rank and host, and both nodes stop instead of node 0 waiting at
+    start-up until the rendezvous times out."""
+    n0, n1 = make_node(tmp_path, "n0", tiny_data), make_node(tmp_path, "n1", tiny_data)
+    (n1 / "data" / "pt_text_document.idx").unlink()
+    results = torchrun_nodes((n0, n1), *TRAIN)
+    assert all(r.returncode != 0 for r in results.values())
+    errors = [line for r in results.values() for line in r.stderr.splitlines() if "launch/pretrain.py: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"launch/pretrain.py: error: rank 1 (host {socket.gethostname()}): "), errors
+    assert "data/pt_text_document.idx" in errors[0]
+    assert not (n0 / "ckpt").exists() and not (n1 / "ckpt").exists()
 
 
 def test_bad_hostfile_is_one_line_before_anything_starts(tmp_path):
