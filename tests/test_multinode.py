@@ -8,7 +8,8 @@ One run is started the two ways a cluster starts it and must train exactly as `d
      resuming to step 4. (DeepSpeed's default pdsh launcher needs sshd and pdsh on every host: not testable
      here.)
 On the way: global rank 0 alone writes `latest`, metrics.jsonl and the run files, node 1 only its own shards;
-a resume where the nodes see different checkpoints is refused with one line; a bad hostfile is one line.
+a resume where the nodes see different checkpoints is refused with one line. Also one line each, never a
+hang: a check that fails on one node only, and a bad hostfile.
 """
 from __future__ import annotations
 
