@@ -4,7 +4,13 @@ beside it, and a weights-only folder from a full state dict. Both writers commit
 
 A full disk is a user error: the run refuses a --save folder that cannot hold one checkpoint before it starts
 (`check_save_space`), and a save that runs out of space later removes its partial folder, leaves `latest` and
-the earlier checkpoints as they were, and stops every rank with one line."""
+the earlier checkpoints as they were, and stops every rank with one line.
+
+Who writes what (DeepSpeed's rule, also ours): every rank writes its own shards; global rank 0 (wherever it
+runs) alone writes `latest`, the run files and metrics.jsonl. On a --save folder that is a node-local disk
+(the same path on every node, another disk) each node's folder so gets its ranks' shards, committed there
+as on rank 0's node, and never a `latest`: resuming needs the complete checkpoint where every rank can read
+it (a shared filesystem, or a copy on every node), which `--load` checks."""
 from __future__ import annotations
 
 import errno
@@ -12,6 +18,7 @@ import gc
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -34,15 +41,31 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _commit(root: Path, tag: str) -> None:
+def _commits_folder(root: Path) -> bool:
+    """Collective: whether this rank renames and cleans `root`'s temporary folders — rank 0, and on a
+    node-local --save the first rank of every other folder. A folder is its host and inode (NFS may number
+    one export's device differently on each client, which at worst makes a rank look for a `tmp-*` folder
+    that rank 0 already renamed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    root.mkdir(parents=True, exist_ok=True)
+    st = root.stat()
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, (socket.gethostname(), st.st_dev, st.st_ino))
+    rank = dist.get_rank()
+    return rank == 0 or (keys[rank] != keys[0] and keys.index(keys[rank]) == rank)
+
+
+def _commit(root: Path, tag: str, latest: bool = True) -> None:
     """`tmp-<tag>` (complete, on disk) becomes `<tag>`, replacing an earlier save of the same tag (e.g. a
-    rerun into the same folder); then `latest` names it."""
+    rerun into the same folder); then `latest` names it (rank 0 only: `latest=False` on other nodes' disks)."""
     final, trash = root / tag, root / f"trash-{tag}"
     if final.exists():
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
     os.replace(root / f"{TMP_PREFIX}{tag}", final)
-    atomic_write_text(root / LATEST, tag)
+    if latest:
+        atomic_write_text(root / LATEST, tag)
     fsync_path(root)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -142,7 +165,7 @@ def _try(fn: Callable[[Path], None], path: Path) -> tuple[int, Exception | None]
     return 0, None
 
 
-def _settle(outcome: tuple[int, Exception | None], root: Path, tag: str, dev) -> None:
+def _settle(outcome: tuple[int, Exception | None], root: Path, tag: str, dev, cleans: bool = True) -> None:
     """Collective, after every rank wrote (or failed to write) its part of `tmp-<tag>`: return when all
     ranks succeeded. When one ran out of space, the partial folder goes and rank 0 raises the one-line
     UserError while the others leave with the same exit status and print nothing. Any other failure keeps
@@ -160,7 +183,7 @@ def _settle(outcome: tuple[int, Exception | None], root: Path, tag: str, dev) ->
             raise error
         raise RuntimeError(f"saving {root}/{tag} failed on another rank")
     gc.collect()  # closes the failed write's file (see _outcome)
-    if _is_rank0():
+    if cleans:
         shutil.rmtree(root / f"{TMP_PREFIX}{tag}", ignore_errors=True)
     _barrier()
     if not _is_rank0():
@@ -195,7 +218,8 @@ def save_training_checkpoint(engine, save_dir: str, iteration: int, client_state
     root = Path(save_dir)
     tag = step_tag(iteration)
     tmp_tag = f"{TMP_PREFIX}{tag}"
-    if _is_rank0():
+    commits = _commits_folder(root)
+    if commits:
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left over from a crash mid-save
     _barrier()
     try:
@@ -206,11 +230,15 @@ def save_training_checkpoint(engine, save_dir: str, iteration: int, client_state
     else:
         # Each rank its own shards (on a node-local disk too): on disk before the rename.
         outcome = _try(fsync_tree, root / tmp_tag)
-    _settle(outcome, root, tag, engine.device)  # also the barrier: every rank's files are on disk
+    _settle(outcome, root, tag, engine.device, commits)  # also the barrier: every rank's files are on disk
     if before_commit is not None:
-        _settle(_try(before_commit, root / tmp_tag), root, tag, engine.device)
+        _settle(_try(before_commit, root / tmp_tag), root, tag, engine.device, commits)
     if _is_rank0():
         _commit(root, tag)
+    _barrier()
+    # Still there after rank 0's rename: this rank's folder is another disk (or nothing was written to it).
+    if commits and not _is_rank0() and (root / tmp_tag).is_dir():
+        _commit(root, tag, latest=False)
     _barrier()
     return tag
 

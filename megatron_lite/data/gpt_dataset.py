@@ -11,7 +11,8 @@ many samples were asked for, so sample i is the same whether a run asks for 1k o
 resumed run with more iterations sees the same data for the steps already taken.
 
 The document order, sample starts and shuffle are cached as .npy files in `cache/` next to the data;
-rank 0 builds them, other ranks wait at a barrier and load them.
+rank 0 builds them, other ranks wait at a barrier and load them (or, where the data sits on a node-local
+disk, build their own copy).
 """
 from __future__ import annotations
 
@@ -74,19 +75,28 @@ def split_ranges(n_docs: int, fractions: list[float]) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------- distributed-aware cache
 
+def _save_atomic(path: str, arr: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+
+
 def _rank0_builds(path: str, build) -> np.ndarray:
-    """Build-and-save on rank 0 (or the only process); everyone then loads the file."""
+    """Build-and-save on rank 0 (or the only process); everyone then loads the file.
+
+    A rank that still finds no file after the barrier reads its data from a node-local disk (the same path on
+    every node, another disk): it builds its own copy. The build is deterministic and the write atomic, so the
+    ranks of one node that race to write it write the same bytes."""
     import torch.distributed as dist
 
     dist_on = dist.is_available() and dist.is_initialized()
     if not os.path.exists(path) and (not dist_on or dist.get_rank() == 0):
-        arr = build()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+        _save_atomic(path, build())
     if dist_on:
         dist.barrier()
+        if not os.path.exists(path):
+            _save_atomic(path, build())
     return np.load(path, mmap_mode="r")
 
 

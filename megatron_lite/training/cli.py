@@ -30,6 +30,7 @@ from megatron_lite.training.engine import build_engine, build_model
 from megatron_lite.training import dpo
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, lm_objective, train
 from megatron_lite.training.monitor import Monitor
+from megatron_lite.training.rank_agreement import agree_at_start, launched_with_peers
 from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
 from megatron_lite.training.rng import set_rng_state
 
@@ -259,11 +260,11 @@ def peak_flops(a) -> float | None:
 
 def start_distributed(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict,
                       s: TrainSettings) -> tuple[int, int]:
-    """(rank, world): ranks connected, process groups built, the run described once by rank 0."""
-    from deepspeed.utils import logger as ds_logger
+    """(rank, world): process groups built (the ranks are connected: `connect`), the run described once by
+    rank 0."""
+    import torch.distributed as dist
 
-    ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines cost time and bury ours
-    rank, world = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
     dims.build()
     s.dp_rank, s.peak_flops = dims.dp_rank, peak_flops(a)
     if rank == 0:
@@ -272,6 +273,32 @@ def start_distributed(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_
               f"global batch {s.global_batch} = micro {s.micro_batch_size} x accum {s.grad_accum} x dp {dims.dp}")
         print("effective ds_config: " + json.dumps(ds_config, sort_keys=True))
     return rank, world
+
+
+def connect(failure: UserError | None, load_flag: str | None) -> None:
+    """Join the other ranks and agree with them (rank_agreement.py): a pre-flight `failure` on any rank, or
+    ranks that would resume from different checkpoints, stops all of them with one line."""
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines cost time and bury ours
+    init_distributed()
+    agree_at_start(failure, load_flag)
+
+
+def preflight(kind: str, a):
+    """Everything a user can get wrong, checked on this rank before DeepSpeed is imported and ranks start
+    talking: (config, tokenizer dir, DPO reference config, dims, ds_config, settings, note on a fresh start)."""
+    a.load, fresh_start = resolve_load(a.load, a.save)  # `--save X --load X` before X holds a checkpoint
+    check_args(a)
+    raw_ds_config = load_ds_config(a.deepspeed)
+    config, tok_dir, tokenizer = resolve_model(kind, a)
+    check_model_fits(a, config)
+    ref_config = dpo.check_dpo_args(a, config) if kind == "dpo" else None
+    dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
+    check_data(kind, a.data_path, len(tokenizer))
+    if a.save:
+        check_save_space(a.save, config, ds_config)
+    return config, tok_dir, ref_config, dims, ds_config, s, fresh_start
 
 
 def build_datasets(kind: str, a, s: TrainSettings):
@@ -332,17 +359,15 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     """kind: 'pretrain', 'sft' or 'dpo'. Returns the last logged metrics (rank 0) for tests and scripts.
     faults: failures injected by tests (tests/fault_launch.py); None for real runs."""
     a = build_parser(kind).parse_args(argv)
-    a.load, fresh_start = resolve_load(a.load, a.save)  # `--save X --load X` before X holds a checkpoint
-    check_args(a)
-    # Everything a user can get wrong is checked before DeepSpeed is imported and ranks start talking.
-    raw_ds_config = load_ds_config(a.deepspeed)
-    config, tok_dir, tokenizer = resolve_model(kind, a)
-    check_model_fits(a, config)
-    ref_config = dpo.check_dpo_args(a, config) if kind == "dpo" else None
-    dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
-    check_data(kind, a.data_path, len(tokenizer))
-    if a.save:
-        check_save_space(a.save, config, ds_config)
+    load_flag = a.load
+    try:
+        config, tok_dir, ref_config, dims, ds_config, s, fresh_start = preflight(kind, a)
+        failure = None
+    except UserError as e:
+        if not launched_with_peers():
+            raise
+        failure = e  # the other ranks are waiting for this one: tell them (connect) rather than leave them hanging
+    connect(failure, load_flag)
 
     rank, world = start_distributed(kind, a, config, dims, ds_config, s)
     if fresh_start and rank == 0:
