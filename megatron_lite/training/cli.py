@@ -26,6 +26,7 @@ from megatron_lite.parallel import ParallelDims, init_distributed
 from megatron_lite.training.activation_checkpointing import checkpoint_blocks
 from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
 from megatron_lite.training.engine import build_engine, build_model
+from megatron_lite.training.lora import add_lora_args, apply_lora, prepare_lora, write_lora_record
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, train
 from megatron_lite.training.monitor import Monitor
 from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
@@ -140,6 +141,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="recompute each transformer block's activations during backward instead of keeping them "
                         "(Megatron's flag): far less activation memory for about one more forward pass per step; "
                         "same losses, works with --tp, --ep and --compile, checkpoints unchanged")
+    if sft:
+        add_lora_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -279,12 +282,14 @@ def build_datasets(kind: str, a, s: TrainSettings):
     return train_ds, valid_ds
 
 
-def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict):
+def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict, lora=None):
     model = build_model(config, dims, a.seed)
     if kind == "sft" and not a.load:
         # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
         # any tp / ep layout (or converted from HF) and keeps this rank's shard and experts.
         load_weights_into(model, a.pretrained)
+    if lora is not None:
+        model = apply_lora(model, lora)  # frozen base + adapters, before DeepSpeed builds the optimizer
     if a.checkpoint_activations:
         checkpoint_blocks(model)  # before compile, which then traces the recompute regions
     if a.compile:
@@ -331,6 +336,7 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     raw_ds_config = load_ds_config(a.deepspeed)
     config, tok_dir, tokenizer = resolve_model(kind, a)
     check_model_fits(a, config)
+    lora = prepare_lora(a, config)  # --lora-* (sft): checked against --pretrained, --load and --save
     dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
     check_data(kind, a.data_path, len(tokenizer))
     if a.save:
@@ -340,9 +346,11 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     if fresh_start and rank == 0:
         print(fresh_start)
     train_ds, valid_ds = build_datasets(kind, a, s)
-    engine = build_model_and_engine(kind, a, config, dims, ds_config)
+    engine = build_model_and_engine(kind, a, config, dims, ds_config, lora)
     progress = resume(kind, a, engine, config, rank == 0)
     monitor = open_monitor(kind, a, config, dims, ds_config, tok_dir, world, progress.iteration, rank == 0)
+    if a.save and rank == 0:
+        write_lora_record(a.save, lora)
     try:
         with StopRequest() as stop:  # SIGTERM/SIGINT: save at the current step and exit 0
             return train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, progress, stop, faults)
