@@ -45,9 +45,13 @@ def lora_dense(tiny_data, bases, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_moe(tiny_data, bases, tmp_path_factory):
-    """2 ranks, ZeRO-2, expert parallelism 2 (two experts per rank), default targets and alpha."""
+    """2 ranks, ZeRO-2, expert parallelism 2 (two experts per rank), default targets and alpha; stopped after
+    step 2 and resumed with --load for step 3, so the checks below also cover the resumed state (DeepSpeed
+    alone would restore every rank's frozen experts from rank 0's: see training/lora.restore_frozen_base)."""
     save = tmp_path_factory.mktemp("lora_moe") / "ckpt"
-    run("launch/sft.py", sft_args(tiny_data, bases["moe"], save, "--lora-rank", 4, "--ep", 2), ranks=2)
+    args = sft_args(tiny_data, bases["moe"], save, "--lora-rank", 4, "--ep", 2, "--exit-interval", 2)
+    run("launch/sft.py", args, ranks=2, launcher="torchrun")
+    run("launch/sft.py", args + ["--load", save], ranks=2, launcher="torchrun")
     return save
 
 

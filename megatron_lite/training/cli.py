@@ -26,7 +26,8 @@ from megatron_lite.parallel import ParallelDims, init_distributed
 from megatron_lite.training.activation_checkpointing import checkpoint_blocks
 from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
 from megatron_lite.training.engine import build_engine, build_model
-from megatron_lite.training.lora import add_lora_args, apply_lora, prepare_lora, write_lora_record
+from megatron_lite.training.lora import (add_lora_args, apply_lora, prepare_lora, restore_frozen_base,
+                                        write_lora_record)
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, train
 from megatron_lite.training.monitor import Monitor
 from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
@@ -348,6 +349,8 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     train_ds, valid_ds = build_datasets(kind, a, s)
     engine = build_model_and_engine(kind, a, config, dims, ds_config, lora)
     progress = resume(kind, a, engine, config, rank == 0)
+    if lora is not None and a.load:
+        restore_frozen_base(engine.module, a.pretrained)
     monitor = open_monitor(kind, a, config, dims, ds_config, tok_dir, world, progress.iteration, rank == 0)
     if a.save and rank == 0:
         write_lora_record(a.save, lora)

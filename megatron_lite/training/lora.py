@@ -200,3 +200,20 @@ def load_adapter_model(path: str | Path, tag: str | None = None) -> torch.nn.Mod
     model = apply_lora(GPT(config), record)
     model.load_state_dict(sd)
     return model.eval()
+
+
+def restore_frozen_base(model: torch.nn.Module, pretrained: str) -> None:
+    """After `engine.load_checkpoint` of a LoRA run: copy the frozen weights from --pretrained again (the very
+    base the checkpoint recorded; prepare_lora compared fingerprints).
+
+    Under ZeRO-2 DeepSpeed also restores every frozen parameter from rank 0's `frozen_param_fragments`, keyed by
+    local name, so with --ep > 1 each rank's local experts would get rank 0's experts' frozen weights."""
+    from megatron_lite.checkpoint.load import load_full_state_dict, local_state_dict
+    from megatron_lite.checkpoint.lora import BASE_LAYER
+
+    _, full = load_full_state_dict(pretrained)
+    local = local_state_dict(full, model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                p.copy_(local[name.replace(BASE_LAYER, ".")])
