@@ -94,7 +94,7 @@ def lora_from_args(a, config: ModelConfig) -> LoraRecord | None:
                             f"(ffn_type {config.ffn_type!r}); it has {','.join(have)}")
     experts = config.is_moe and any(t in _FFN_TARGETS for t in targets)
     if config.is_moe and not experts:
-        raise UserError(f"--lora-targets {a.lora_targets}: on an MoE model the adapters must include the experts' "
+        raise UserError(f"--lora-targets {','.join(targets)}: on an MoE model the adapters must include the experts' "
                         "gate, up or down: DeepSpeed's optimizer for MoE models requires a group of trainable "
                         "expert parameters")
     return LoraRecord(rank=rank, alpha=alpha, targets=targets, dropout=a.lora_dropout, experts=experts)
