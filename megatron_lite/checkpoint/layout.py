@@ -15,6 +15,9 @@
                                      to generate or convert
     CKPT/ds_config.json, args.json   effective DeepSpeed config and command-line arguments (training runs)
     CKPT/metrics.jsonl               one JSON line per logged step (appended across resumes)
+    CKPT/lora_config.json            (LoRA runs, checkpoint/lora.py) rank, alpha, targets and the base model's
+                                     fingerprint; the state dicts then hold peft's `base_layer` / `lora_A` /
+                                     `lora_B` names, which readers merge into plain weights
 
 With tp > 1 there is one mp_rank file (and one set of expert files) per tensor-parallel rank; readers gather
 them with the specs of `megatron_lite.tensor_parallel.reshard`.

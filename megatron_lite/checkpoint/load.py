@@ -9,6 +9,7 @@ import torch
 from megatron_lite.checkpoint.layout import (EXPERT_KEY, EXPERT_STATES_FILE, MODEL_STATES_FILE, ZERO_SHARD_FILE,
                                              check_pickle_globals, expert_key, latest_tag, load_weights_only,
                                              model_states_file)
+from megatron_lite.checkpoint.lora import merge_adapters, read_lora_record
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
@@ -53,10 +54,13 @@ def _read_rank(tag_dir: Path, tp_rank: int, expert_files: dict) -> dict[str, tor
     return sd
 
 
-def load_full_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Our checkpoint folder -> (config, full single-device state dict of `GPT(config)` with ep = tp = 1)."""
+def load_full_state_dict(ckpt_dir: str | Path, tag: str | None = None,
+                         merge_lora: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our checkpoint folder -> (config, full single-device state dict of `GPT(config)` with ep = tp = 1).
+    A LoRA checkpoint's adapters are merged into the weights (merge_lora=False: peft's names, unmerged)."""
     root, tag_dir = _resolve_tag_dir(Path(ckpt_dir), tag)
     config = ModelConfig.load(root)
+    lora = read_lora_record(root) if merge_lora else None
     ranks = sorted(int(m.group(1)) for p in tag_dir.iterdir() if (m := MODEL_STATES_FILE.match(p.name)))
     if not ranks or ranks != list(range(len(ranks))):
         raise UserError(f"{tag_dir} has model-state files for tp ranks {ranks}, expected 0..tp-1")
@@ -71,9 +75,8 @@ def load_full_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> tuple[
             raise UserError(f"{tag_dir} holds {got} expert files for tp rank 0, expected "
                             f"{config.num_layers} layers x {config.num_experts} experts = {want}")
     shards = [_read_rank(tag_dir, r, expert_files) for r in ranks]
-    if len(shards) == 1:
-        return config, shards[0]
-    return config, _gather_tp(config, shards, tag_dir)
+    sd = shards[0] if len(shards) == 1 else _gather_tp(config, shards, tag_dir)
+    return config, (merge_adapters(sd, lora) if lora else sd)
 
 
 def _gather_tp(config: ModelConfig, shards: list[dict], tag_dir: Path) -> dict[str, torch.Tensor]:

@@ -153,7 +153,9 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 # ---------------------------------------------------------------- weights
 
-def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_weight_names(cfg: ModelConfig):
+    """A function: our weight name -> its HF name; None for the training-only router noise, a UserError for
+    a weight with no counterpart."""
     check_exportable(cfg)
     arch = hf_arch(cfg)
     names = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
@@ -161,14 +163,25 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
         names["lm_head.weight"] = "lm_head.weight"
     for i in range(cfg.num_layers):
         names.update({f"layers.{i}.{o}": f"model.layers.{i}.{h}" for o, h in arch.renames()})
+
+    def hf_name(k: str) -> str | None:
+        if (m := EXPERT_KEY.match(k)) and (hf_w := arch.expert_names.get(m["param"].removesuffix(".weight"))):
+            return f"model.layers.{m['layer']}.{arch.experts.format(e=m['expert'])}{hf_w}.weight"
+        if k in names:
+            return names[k]
+        if _NOISE.match(k):
+            return None
+        raise UserError(f"weight {k} has no HF {arch.architecture} counterpart")
+
+    return hf_name
+
+
+def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    hf_name = hf_weight_names(cfg)
     out = {}
     for k, v in sd.items():
-        if (m := EXPERT_KEY.match(k)) and (hf_w := arch.expert_names.get(m["param"].removesuffix(".weight"))):
-            out[f"model.layers.{m['layer']}.{arch.experts.format(e=m['expert'])}{hf_w}.weight"] = v
-        elif k in names:
-            out[names[k]] = v
-        elif not _NOISE.match(k):  # everything but the training-only router noise must land somewhere
-            raise UserError(f"weight {k} has no HF {arch.architecture} counterpart")
+        if (h := hf_name(k)) is not None:  # everything but the training-only router noise lands somewhere
+            out[h] = v
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 

@@ -29,6 +29,8 @@ from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, 
 from megatron_lite.training.engine import build_engine, build_model
 from megatron_lite.training import dpo
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, lm_objective, train
+from megatron_lite.training.lora import (add_lora_args, apply_lora, prepare_lora, restore_frozen_base,
+                                        write_lora_record)
 from megatron_lite.training.monitor import Monitor
 from megatron_lite.training.rank_agreement import agree_at_start, launched_with_peers
 from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
@@ -146,6 +148,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="recompute each transformer block's activations during backward instead of keeping them "
                         "(Megatron's flag): far less activation memory for about one more forward pass per step; "
                         "same losses, works with --tp, --ep and --compile, checkpoints unchanged")
+    if kind == "sft":
+        add_lora_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     if kind == "dpo":
         dpo.add_dpo_args(p)
@@ -287,18 +291,20 @@ def connect(failure: UserError | None, load_flag: str | None) -> None:
 
 def preflight(kind: str, a):
     """Everything a user can get wrong, checked on this rank before DeepSpeed is imported and ranks start
-    talking: (config, tokenizer dir, DPO reference config, dims, ds_config, settings, note on a fresh start)."""
+    talking: (config, tokenizer dir, DPO reference config, LoRA record, dims, ds_config, settings, note on a
+    fresh start)."""
     a.load, fresh_start = resolve_load(a.load, a.save)  # `--save X --load X` before X holds a checkpoint
     check_args(a)
     raw_ds_config = load_ds_config(a.deepspeed)
     config, tok_dir, tokenizer = resolve_model(kind, a)
     check_model_fits(a, config)
     ref_config = dpo.check_dpo_args(a, config) if kind == "dpo" else None
+    lora = prepare_lora(a, config) if kind == "sft" else None  # --lora-*: checked against --pretrained, --load, --save
     dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
     check_data(kind, a.data_path, len(tokenizer))
     if a.save:
         check_save_space(a.save, config, ds_config)
-    return config, tok_dir, ref_config, dims, ds_config, s, fresh_start
+    return config, tok_dir, ref_config, lora, dims, ds_config, s, fresh_start
 
 
 def build_datasets(kind: str, a, s: TrainSettings):
@@ -313,12 +319,14 @@ def build_datasets(kind: str, a, s: TrainSettings):
     return train_ds, valid_ds
 
 
-def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict):
+def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict, lora=None):
     model = build_model(config, dims, a.seed)
     if kind != "pretrain" and not a.load:
         # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
         # any tp / ep layout (or converted from HF) and keeps this rank's shard and experts.
         load_weights_into(model, a.pretrained)
+    if lora is not None:
+        model = apply_lora(model, lora)  # frozen base + adapters, before DeepSpeed builds the optimizer
     if a.checkpoint_activations:
         checkpoint_blocks(model)  # before compile, which then traces the recompute regions
     if a.compile:
@@ -361,7 +369,7 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     a = build_parser(kind).parse_args(argv)
     load_flag = a.load
     try:
-        config, tok_dir, ref_config, dims, ds_config, s, fresh_start = preflight(kind, a)
+        config, tok_dir, ref_config, lora, dims, ds_config, s, fresh_start = preflight(kind, a)
         failure = None
     except UserError as e:
         if not launched_with_peers():
@@ -373,10 +381,14 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     if fresh_start and rank == 0:
         print(fresh_start)
     train_ds, valid_ds = build_datasets(kind, a, s)
-    engine = build_model_and_engine(kind, a, config, dims, ds_config)
+    engine = build_model_and_engine(kind, a, config, dims, ds_config, lora)
     objective = dpo.build_objective(a, ref_config, dims, engine, rank == 0) if kind == "dpo" else lm_objective
     progress = resume(kind, a, engine, config, rank == 0)
+    if lora is not None and a.load:
+        restore_frozen_base(engine.module, a.pretrained)
     monitor = open_monitor(kind, a, config, dims, ds_config, tok_dir, world, progress.iteration, rank == 0)
+    if a.save and rank == 0:
+        write_lora_record(a.save, lora)
     try:
         with StopRequest() as stop:  # SIGTERM/SIGINT: save at the current step and exit 0
             return train(engine, config, train_ds, valid_ds, s, monitor, dims.dp_group, progress, stop, faults,
