@@ -7,6 +7,7 @@ universal round trip; the optimizer state after resharding is compared with the 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -116,9 +117,14 @@ def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
     f.unlink()
     with pytest.raises(UserError, match=f"{f} is missing"):
         main("pretrain", args)
-    # Muon's momentum is not resharded: refused before anything starts.
-    with pytest.raises(UserError, match="muon"):
+    # Muon's momentum and DeepSpeed's fp16 optimizer (bf16 without ZeRO) are not resharded: refused before
+    # anything starts.
+    with pytest.raises(UserError, match="Muon's momentum is not resharded"):
         main("pretrain", [*args[:-1], str(dense), "--optimizer", "muon"])
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero2.json").read_text()), "bf16": {"enabled": True}}))
+    with pytest.raises(UserError, match="cannot be resharded into this bf16/fp16 run without ZeRO"):
+        main("pretrain", [*args[:-1], str(dense), "--deepspeed", str(bf16)])
     # A failed conversion leaves nothing behind.
     c = convert("--load", uni, "--output", tmp_path / "again")
     assert c.returncode == 2 and c.stderr.count("\n") == 1 and "missing" in c.stderr, c.stderr

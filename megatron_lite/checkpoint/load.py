@@ -9,7 +9,7 @@ import torch
 
 from megatron_lite.checkpoint.layout import (EXPERT_KEY, EXPERT_STATES_FILE, MODEL_STATES_FILE, check_pickle_globals,
                                              expert_key, latest_tag, load_weights_only, model_states_file)
-from megatron_lite.checkpoint.universal import (UNIVERSAL_META, Layout, apply_training_state, check_reshardable, check_universal,
+from megatron_lite.checkpoint.universal import (UNIVERSAL_META, Layout, apply_training_state, check_reshardable, check_universal, half_without_zero,
                                                 is_universal, read_training_state, read_universal_weights,
                                                 saved_layout)
 from megatron_lite.config import ModelConfig
@@ -174,24 +174,30 @@ def check_checkpoint_dir(path: str) -> str:
     return tag
 
 
-def resume_plan(path: str, dp: int, tp: int, ep: int, zero_stage: int, muon: bool) -> str | None:
+def resume_plan(path: str, dp: int, tp: int, ep: int, ds_config: dict) -> str | None:
     """None when `path`'s latest checkpoint was saved with this run's layout (DeepSpeed's own exact load),
     else the line to print: the training state is resharded from the saved layout to this one (before
     DeepSpeed starts, so what cannot be resharded is one line, not a traceback)."""
     tag_dir = Path(path) / latest_tag(Path(path))
-    now = Layout(dp=dp, tp=tp, ep=ep, zero=zero_stage > 0)
+    now = Layout(dp=dp, tp=tp, ep=ep, zero=(ds_config.get("zero_optimization") or {}).get("stage", 0) > 0)
+    muon = ds_config["optimizer"]["type"] == "Muon"
     if is_universal(tag_dir):
         check_universal(tag_dir)
-        if muon:
-            raise UserError(f"--load {path}: a universal checkpoint holds AdamW state; --optimizer muon cannot "
-                            "resume from it")
-        return f"--load {path}: universal checkpoint, resharding the training state to {now}"
-    saved = saved_layout(tag_dir)
-    if saved == now:
-        return None
+        saved = None
+    else:
+        saved = saved_layout(tag_dir)
+        same = saved == now or (half_without_zero(ds_config) and (saved.dp, saved.tp, saved.ep) == (dp, tp, ep))
+        if same:
+            return None
+    source = "a universal checkpoint" if saved is None else f"a checkpoint saved with {saved}"
+    if half_without_zero(ds_config):
+        raise UserError(f"--load {path}: {source} cannot be resharded into this bf16/fp16 run without ZeRO "
+                        f"({now}) yet; resume with the saved layout or a ZeRO config")
     if muon:
-        raise UserError(f"--load {path}: saved with {saved}, this run is {now}; --optimizer muon resumes only "
-                        f"with the layout it was saved with")
+        raise UserError(f"--load {path}: {source} cannot be resharded into this --optimizer muon run ({now}): "
+                        "Muon's momentum is not resharded yet; resume with the layout it was saved with")
+    if saved is None:
+        return f"--load {path}: universal checkpoint, resharding the training state to {now}"
     check_reshardable(tag_dir)
     return f"--load {path}: resharding the training state from {saved} to {now}"
 

@@ -103,14 +103,26 @@ def _zero_file(tag_dir: Path, dp_rank: int, tp_rank: int, mmap: bool = False) ->
     return sd["optimizer_state_dict"]
 
 
+def half_without_zero(ds_config: dict) -> bool:
+    """bf16/fp16 at ZeRO stage 0: DeepSpeed wraps our optimizer in its fp16 optimizer, whose fp32 masters
+    this module does not read or fill yet (the case of dp = 1 runs on GPUs)."""
+    return ((ds_config.get("zero_optimization") or {}).get("stage", 0) == 0
+            and any((ds_config.get(k) or {}).get("enabled") is True for k in ("bf16", "fp16")))
+
+
 def check_reshardable(tag_dir: Path) -> None:
-    """Refuse (one line) what this module cannot read: Muon's momentum, bf16/fp16 without ZeRO."""
+    """Refuse (one line) what this module cannot read: Muon's momentum; bf16/fp16 without ZeRO, whose
+    DeepSpeed optimizer keeps its fp32 masters in a format of its own."""
     tag_dir = Path(tag_dir)
     if is_universal(tag_dir):
         return
     layout = saved_layout(tag_dir)
+    states = load_weights_only(tag_dir / model_states_file(0), mmap=True)
+    if half_without_zero(states.get("ds_config") or {}):
+        raise UserError(f"{tag_dir} was saved in bf16/fp16 without ZeRO, which cannot be resharded yet; resume "
+                        f"it with the layout it was saved with ({layout})")
     groups = (_zero_file(tag_dir, 0, 0, mmap=True)["base_optimizer_state"]["param_groups"] if layout.zero else
-              (load_weights_only(tag_dir / model_states_file(0), mmap=True).get("optimizer") or {}).get("param_groups"))
+              (states.get("optimizer") or {}).get("param_groups"))
     if groups is None:
         raise UserError(f"{tag_dir}/{model_states_file(0)} holds no optimizer state to reshard")
     if any(g.get("use_muon") for g in groups):
@@ -275,17 +287,18 @@ def apply_training_state(engine, state: TrainingState, tp_rank: int, tp_size: in
         raise UserError(f"the checkpoint has no weights for {missing[:3]}: it holds a different model")
     opt = engine.optimizer
     with torch.no_grad():
-        if isinstance(opt, DeepSpeedZeroOptimizer):
-            for i, flat in enumerate(opt.single_partition_of_fp32_groups):
-                group_steps = {state.steps[_local_name(model, names[id(p)])] for p in opt.bit16_groups[i]}
+        if isinstance(opt, DeepSpeedZeroOptimizer):  # parameters linked to slices of flat fp32 partitions
+            lp_groups, flats = opt.bit16_groups, opt.single_partition_of_fp32_groups
+            for flat, lp_group in zip(flats, lp_groups):
+                group_steps = {state.steps[_local_name(model, names[id(p)])] for p in lp_group}
                 if len(group_steps) != 1:
                     raise UserError(f"parameters of one ZeRO group were saved at different optimizer steps "
                                     f"{sorted(group_steps)}; cannot merge them into one flat partition")
-                opt.optimizer.state[flat] = {"step": torch.tensor(float(group_steps.pop()), device=flat.device),
+                opt.optimizer.state[flat] = {"step": _step_value(opt.optimizer, group_steps.pop(), flat.device),
                                              **{k: torch.zeros_like(flat) for k in MOMENTS}}
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()  # links each parameter to its slice of those moments
-            for group in opt.bit16_groups:
+            for group in lp_groups:
                 for p in group:
                     name = names[id(p)]
                     value = local(state.params, name)
@@ -299,12 +312,20 @@ def apply_training_state(engine, state: TrainingState, tp_rank: int, tp_size: in
                 for p in group["params"]:
                     name = names[id(p)]
                     p.data.copy_(local(state.params, name))
-                    base.state[p] = {"step": torch.tensor(float(state.steps[_local_name(model, name)]), device=p.device),
+                    base.state[p] = {"step": _step_value(base, state.steps[_local_name(model, name)], p.device),
                                      **{k: local(state.moments[k], name).to(p.device).clone() for k in MOMENTS}}
     _apply_scheduler(engine.lr_scheduler, state.lr_scheduler)
     engine.global_steps = int(state.counters.get("global_steps", 0))
     engine.global_samples = int(state.counters.get("global_samples", 0))
     engine.skipped_steps = int(state.counters.get("skipped_steps", 0))
+
+
+def _step_value(optimizer, step: int, device):
+    """The step count as `optimizer` keeps it: torch's Adam/AdamW a float32 tensor (on the parameter's device
+    for the fused kernel), DeepSpeed's CPU Adam (optimizer offload) a plain int."""
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return torch.tensor(float(step), dtype=torch.float32, device=device)
+    return int(step)
 
 
 def _apply_scheduler(sched, saved: dict) -> None:
