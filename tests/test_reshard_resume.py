@@ -19,7 +19,7 @@ import torch
 import launch_utils
 from launch_utils import REPO, SMALL, losses, pretrain_args
 from launch_utils import env as _env
-from megatron_lite.checkpoint.universal import read_training_state
+from megatron_lite.checkpoint.universal import convert_to_fp32, convert_to_universal, read_training_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
@@ -52,10 +52,11 @@ def assert_same_state(a: Path, b: Path, tag: str) -> None:
     config = ModelConfig.load(a)
     x, y = read_training_state(a / tag, config), read_training_state(b / tag, config)
     assert sorted(x.params) == sorted(y.params) and x.steps == y.steps
+    assert {k: sorted(v) for k, v in x.moments.items()} == {k: sorted(v) for k, v in y.moments.items()}
     for name in x.params:
         torch.testing.assert_close(y.params[name], x.params[name], atol=1e-6, rtol=1e-5)
-        for k in ("exp_avg", "exp_avg_sq"):  # round-off of other reduction orders, relative to the tensor
-            ref = x.moments[k][name]
+    for k, moments in x.moments.items():  # round-off of other reduction orders, relative to the tensor
+        for name, ref in moments.items():
             torch.testing.assert_close(y.moments[k][name], ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
     assert x.client["consumed_samples"] == y.client["consumed_samples"]
 
@@ -107,7 +108,7 @@ def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
     from megatron_lite.training.cli import main
 
     uni = tmp_path / "uni"
-    assert convert("--load", dense, "--output", uni).returncode == 0
+    convert_to_universal(dense, uni)
     args = [*SMALL, "--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "30",
             "--lr", "3e-3", "--warmup-iters", "2", "--micro-batch-size", "2", "--grad-accum", "2", "--load", str(uni)]
     f = uni / "global_step20" / "exp_avg.safetensors"
@@ -117,9 +118,9 @@ def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
     f.unlink()
     with pytest.raises(UserError, match=f"{f} is missing"):
         main("pretrain", args)
-    # Muon's momentum and DeepSpeed's fp16 optimizer (bf16 without ZeRO) are not resharded: refused before
-    # anything starts.
-    with pytest.raises(UserError, match="Muon's momentum is not resharded"):
+    # Another optimizer than the saved state's, and DeepSpeed's fp16 optimizer (bf16 without ZeRO): refused
+    # before anything starts.
+    with pytest.raises(UserError, match="holds adamw optimizer state, this run uses --optimizer muon"):
         main("pretrain", [*args[:-1], str(dense), "--optimizer", "muon"])
     bf16 = tmp_path / "bf16.json"
     bf16.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero2.json").read_text()), "bf16": {"enabled": True}}))
@@ -162,10 +163,31 @@ def test_moe_ep2_to_ep1_at_dp2_and_fp32_export(data, tmp_path):
     from megatron_lite.checkpoint.load import load_full_state_dict
     from megatron_lite.model.gpt import GPT
 
-    c = convert("--load", ep2, "--output", tmp_path / "fp32", "--to", "fp32")
-    assert c.returncode == 0, c.stderr
+    convert_to_fp32(ep2, tmp_path / "fp32")
     weights = load_file(str(tmp_path / "fp32" / "model.safetensors"))
     config, saved = load_full_state_dict(ep2)
     assert sorted(weights) == sorted(saved) == sorted(GPT(config).state_dict())
     assert all(torch.equal(weights[k], saved[k]) for k in saved)
     assert ModelConfig.load(tmp_path / "fp32") == config
+
+
+def test_muon_dp1_to_dp2_and_universal_copy(data, tmp_path):
+    """Muon keeps the full momentum of each matrix on every rank whose ZeRO partition holds part of it."""
+    one = tmp_path / "dp1"  # 8 steps (4 + 4): Newton-Schulz makes Muon's CPU steps the slow ones here
+    run(pretrain_args(data, one, 8, "--micro-batch-size", 2, "--grad-accum", 2, "--optimizer", "muon",
+                      "--save-interval", 4))
+    two = copy_at(one, tmp_path / "dp2", 4)
+    p = run(pretrain_args(data, two, 8, "--micro-batch-size", 2, "--optimizer", "muon", "--load", two), ranks=2)
+    assert "from dp 1, tp 1, ep 1, ZeRO stage 1/2 to dp 2, tp 1, ep 1, ZeRO stage 1/2" in p.stdout
+    assert_follows(one, two, range(5, 9))
+    assert_same_state(one, two, "global_step8")
+    state = read_training_state(one / "global_step8", ModelConfig.load(one))
+    assert sorted(state.moments) == ["exp_avg", "exp_avg_sq", "momentum_buffer"]
+    assert "layers.0.self_attn.q_proj.weight" in state.moments["momentum_buffer"]  # a matrix: Muon's
+    assert "layers.0.input_layernorm.weight" in state.moments["exp_avg"]  # a norm: the AdamW side's
+
+    # Its universal copy holds the same state, Muon's momentum included.
+    uni = tmp_path / "universal"
+    convert_to_universal(two, uni)
+    assert (uni / "global_step8" / "momentum_buffer.safetensors").is_file()
+    assert_same_state(two, uni, "global_step8")

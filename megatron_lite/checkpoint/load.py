@@ -9,9 +9,9 @@ import torch
 
 from megatron_lite.checkpoint.layout import (EXPERT_KEY, EXPERT_STATES_FILE, MODEL_STATES_FILE, check_pickle_globals,
                                              expert_key, latest_tag, load_weights_only, model_states_file)
-from megatron_lite.checkpoint.universal import (UNIVERSAL_META, Layout, apply_training_state, check_reshardable, check_universal, half_without_zero,
-                                                is_universal, read_training_state, read_universal_weights,
-                                                saved_layout)
+from megatron_lite.checkpoint.universal import (UNIVERSAL_META, Layout, apply_training_state, check_reshardable,
+                                                check_universal, half_without_zero, is_universal, read_training_state,
+                                                read_universal_weights, saved_layout, saved_optimizer)
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
@@ -180,7 +180,6 @@ def resume_plan(path: str, dp: int, tp: int, ep: int, ds_config: dict) -> str | 
     DeepSpeed starts, so what cannot be resharded is one line, not a traceback)."""
     tag_dir = Path(path) / latest_tag(Path(path))
     now = Layout(dp=dp, tp=tp, ep=ep, zero=(ds_config.get("zero_optimization") or {}).get("stage", 0) > 0)
-    muon = ds_config["optimizer"]["type"] == "Muon"
     if is_universal(tag_dir):
         check_universal(tag_dir)
         saved = None
@@ -189,16 +188,17 @@ def resume_plan(path: str, dp: int, tp: int, ep: int, ds_config: dict) -> str | 
         same = saved == now or (half_without_zero(ds_config) and (saved.dp, saved.tp, saved.ep) == (dp, tp, ep))
         if same:
             return None
+        check_reshardable(tag_dir)
     source = "a universal checkpoint" if saved is None else f"a checkpoint saved with {saved}"
     if half_without_zero(ds_config):
         raise UserError(f"--load {path}: {source} cannot be resharded into this bf16/fp16 run without ZeRO "
                         f"({now}) yet; resume with the saved layout or a ZeRO config")
-    if muon:
-        raise UserError(f"--load {path}: {source} cannot be resharded into this --optimizer muon run ({now}): "
-                        "Muon's momentum is not resharded yet; resume with the layout it was saved with")
+    was, now_opt = saved_optimizer(tag_dir), "muon" if ds_config["optimizer"]["type"] == "Muon" else "adamw"
+    if was != now_opt:
+        raise UserError(f"--load {path}: {source} holds {was} optimizer state, this run uses --optimizer {now_opt}; "
+                        f"resume with --optimizer {was}")
     if saved is None:
         return f"--load {path}: universal checkpoint, resharding the training state to {now}"
-    check_reshardable(tag_dir)
     return f"--load {path}: resharding the training state from {saved} to {now}"
 
 

@@ -1,13 +1,14 @@
 """The layout-free form of a training checkpoint, and resuming it on another parallel layout.
 
 `TrainingState` holds what an exact resume needs with no trace of the layout that saved it: per parameter
-(full tp = 1 tensors, global expert ids) the fp32 master weight, every optimizer moment and the optimizer's
-step count, plus the learning-rate scheduler, DeepSpeed's step counters and the training loop's client state
+(full tp = 1 tensors, global expert ids) the fp32 master weight, every optimizer moment (AdamW's exp_avg /
+exp_avg_sq and step count; Muon's momentum_buffer) plus the learning-rate scheduler, DeepSpeed's step counters and the training loop's client state
 (iteration, consumed samples, RNG). It is read from any DeepSpeed checkpoint we write:
 
   ZeRO 1/2   each `zero_pp_rank_R_mp_rank_T_optim_states.pt` holds rank R's slice of every parameter group's
-             flat fp32 partition and of the moments, and `param_slice_mappings` (name -> offset, numel in
-             that partition). Concatenating a parameter's fragments in partition order gives it back. Expert
+             flat fp32 partition and of the AdamW moments, and `param_slice_mappings` (name -> offset, numel
+             in that partition). Concatenating a parameter's fragments in partition order gives it back
+             (Muon's momentum is stored per rank for whole matrices instead: see `_read_zero_rank`). Expert
              groups (DeepSpeed-MoE names them `ep_size_E`) are partitioned over the expert-data-parallel
              group of ranks R with the same R % E; their names carry local expert ids, global = local +
              (R % E) x experts per rank. DeepSpeed's own `ds_to_universal` merges such fragments by local
@@ -44,9 +45,12 @@ UNIVERSAL_FORMAT = "megatron_lite-universal"
 UNIVERSAL_VERSION = 1
 # The files of a universal tag folder: tensors as safetensors (name -> full tensor), the rest as a
 # weights-only pickle (ints, floats, strings, tuples, tensors: the RNG states and the scheduler).
-UNIVERSAL_TENSORS = {"fp32": "fp32.safetensors", "exp_avg": "exp_avg.safetensors", "exp_avg_sq": "exp_avg_sq.safetensors"}
 UNIVERSAL_STATE = "state.pt"
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's, per parameter (and the AdamW side of Muon)
+MUON_MOMENTUM = "momentum_buffer"  # Muon's, on the matrices it trains
+# fp32 holds every parameter; each optimizer-state file the parameters that have that state.
+UNIVERSAL_TENSORS = {k: f"{k}.safetensors" for k in ("fp32", *MOMENTS, MUON_MOMENTUM)}
+UNIVERSAL_MUON = UNIVERSAL_TENSORS[MUON_MOMENTUM]
 # Keys of DeepSpeed's model-states file that are not the training loop's client state.
 _DS_KEYS = {"module", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params", "frozen_param_fragments",
             "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps", "global_steps", "global_samples",
@@ -111,8 +115,8 @@ def half_without_zero(ds_config: dict) -> bool:
 
 
 def check_reshardable(tag_dir: Path) -> None:
-    """Refuse (one line) what this module cannot read: Muon's momentum; bf16/fp16 without ZeRO, whose
-    DeepSpeed optimizer keeps its fp32 masters in a format of its own."""
+    """Refuse (one line) what this module cannot read: bf16/fp16 without ZeRO, whose DeepSpeed optimizer
+    keeps its fp32 masters in a format of its own; a checkpoint without optimizer state."""
     tag_dir = Path(tag_dir)
     if is_universal(tag_dir):
         return
@@ -121,13 +125,22 @@ def check_reshardable(tag_dir: Path) -> None:
     if half_without_zero(states.get("ds_config") or {}):
         raise UserError(f"{tag_dir} was saved in bf16/fp16 without ZeRO, which cannot be resharded yet; resume "
                         f"it with the layout it was saved with ({layout})")
-    groups = (_zero_file(tag_dir, 0, 0, mmap=True)["base_optimizer_state"]["param_groups"] if layout.zero else
-              (states.get("optimizer") or {}).get("param_groups"))
-    if groups is None:
+    if saved_optimizer(tag_dir) is None:
         raise UserError(f"{tag_dir}/{model_states_file(0)} holds no optimizer state to reshard")
-    if any(g.get("use_muon") for g in groups):
-        raise UserError(f"{tag_dir} was trained with --optimizer muon, whose momentum cannot be resharded yet; "
-                        f"resume it with the layout it was saved with ({layout})")
+
+
+def saved_optimizer(tag_dir: Path) -> str | None:
+    """"muon" or "adamw": the optimizer whose state the checkpoint holds (None: no optimizer state)."""
+    tag_dir = Path(tag_dir)
+    if is_universal(tag_dir):
+        return "muon" if (tag_dir / UNIVERSAL_MUON).is_file() else "adamw"
+    if saved_layout(tag_dir).zero:
+        groups = _zero_file(tag_dir, 0, 0, mmap=True)["base_optimizer_state"]["param_groups"]
+    else:
+        groups = (load_weights_only(tag_dir / model_states_file(0), mmap=True).get("optimizer") or {}).get("param_groups")
+    if groups is None:
+        return None
+    return "muon" if any(g.get("use_muon") for g in groups) else "adamw"
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -138,25 +151,42 @@ def _global_expert_name(name: str, ep_rank: int, n_local: int) -> str:
 
 
 def _read_zero_rank(tag_dir: Path, tp_rank: int, layout: Layout, config: ModelConfig, shapes: dict) -> tuple:
-    """One tensor-parallel rank's ZeRO shards -> (params, moments, steps) of its local (tp-sharded) tensors."""
+    """One tensor-parallel rank's ZeRO shards -> (params, moments, steps) of its local (tp-sharded) tensors.
+
+    AdamW groups keep exp_avg / exp_avg_sq as flat partitions like the fp32 weights. Muon groups (DeepSpeed's
+    MuonWithAuxAdam, `use_muon` set on the group) keep one `momentum_buffer` per rank instead: the *full*
+    momenta of the parameters that have a fragment in that rank's partition, one after the other in group
+    order (what `param_slice_mappings` lists), as ZeRO orthogonalises whole matrices."""
     n_local = config.num_experts // layout.ep if config.is_moe else 0
     frags: dict[str, dict[str, list]] = {"fp32": {}, **{k: {} for k in MOMENTS}}
+    momentum: dict[str, torch.Tensor] = {}
     steps: dict[str, int] = {}
     for rank in range(layout.dp):
         osd = _zero_file(tag_dir, rank, tp_rank)
         base = osd["base_optimizer_state"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
-            moe = MOE_GROUP.match(str(base["param_groups"][g].get("name", "")))
+            group = base["param_groups"][g]
+            moe = MOE_GROUP.match(str(group.get("name", "")))
             ep_rank, part = (rank % layout.ep, rank // layout.ep) if moe else (0, rank)
             state = base["state"].get(g, {})
-            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{k: state.get(k) for k in MOMENTS}}
+            muon = bool(group.get("use_muon"))
+            flat = {"fp32": osd["single_partition_of_fp32_groups"][g],
+                    **({} if muon else {k: state.get(k) for k in MOMENTS})}
+            if muon:
+                flat[MUON_MOMENTUM] = state.get(MUON_MOMENTUM)
+            offset = 0
             for name, addr in mapping.items():
                 gname = _global_expert_name(name, ep_rank, n_local)
                 for key, t in flat.items():
                     if t is None:
                         raise UserError(f"{tag_dir}: ZeRO file of rank {rank} has no {key} for group {g} "
                                         "(saved before the first optimizer step?)")
-                    frags[key].setdefault(gname, []).append((part, t.narrow(0, addr.start, addr.numel)))
+                    if key == MUON_MOMENTUM:
+                        numel = shapes[_local_shape_name(gname, n_local)].numel()
+                        momentum.setdefault(gname, t.narrow(0, offset, numel))
+                        offset += numel
+                    else:
+                        frags[key].setdefault(gname, []).append((part, t.narrow(0, addr.start, addr.numel)))
                 if "step" in state:
                     steps[gname] = int(state["step"])
     out = {}
@@ -169,6 +199,8 @@ def _read_zero_rank(tag_dir: Path, tp_rank: int, layout: Layout, config: ModelCo
                 raise UserError(f"{tag_dir}: ZeRO fragments of {name} hold {flat.numel()} values, its shape "
                                 f"{tuple(shape)} needs {shape.numel()}; the checkpoint is incomplete")
             out[key][name] = flat.view(shape).clone()
+    if momentum:
+        out[MUON_MOMENTUM] = {k: v.view(shapes[_local_shape_name(k, n_local)]).clone() for k, v in momentum.items()}
     return out.pop("fp32"), out, steps
 
 
@@ -251,7 +283,7 @@ def read_training_state(tag_dir: Path, config: ModelConfig) -> TrainingState:
 
         specs = tp_shard_specs(_skeleton(config))
         params = gather_state_dicts([x[0] for x in per_tp], specs)
-        moments = {k: gather_state_dicts([x[1][k] for x in per_tp], specs) for k in MOMENTS}
+        moments = {k: gather_state_dicts([x[1][k] for x in per_tp], specs) for k in per_tp[0][1]}
     return TrainingState(params=params, moments=moments, steps=steps, lr_scheduler=head.get("lr_scheduler") or {},
                          counters={k: head.get(k, 0) for k in ("global_steps", "global_samples", "skipped_steps")},
                          client={k: v for k, v in head.items() if k not in _DS_KEYS})
@@ -268,7 +300,8 @@ def _local_name(model, name: str) -> str | None:
 
 def apply_training_state(engine, state: TrainingState, tp_rank: int, tp_size: int) -> None:
     """Fill a freshly built engine (no step taken yet) of any layout with `state`: weights, fp32 masters,
-    AdamW moments and step counts of this rank's part, scheduler position, DeepSpeed's counters."""
+    AdamW moments and step counts (Muon's momenta) of this rank's part, scheduler position, DeepSpeed's
+    counters. The engine's optimizer must be the saved one (`resume_plan` checks that first)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -289,7 +322,13 @@ def apply_training_state(engine, state: TrainingState, tp_rank: int, tp_size: in
     with torch.no_grad():
         if isinstance(opt, DeepSpeedZeroOptimizer):  # parameters linked to slices of flat fp32 partitions
             lp_groups, flats = opt.bit16_groups, opt.single_partition_of_fp32_groups
-            for flat, lp_group in zip(flats, lp_groups):
+            muon_groups = {i for i, g in enumerate(opt.optimizer.param_groups) if g.get("use_muon")}
+            for i, (flat, lp_group) in enumerate(zip(flats, lp_groups)):
+                if i in muon_groups:  # full momenta of the parameters with a fragment here (see _read_zero_rank)
+                    here = [p for p in lp_group if p._hp_mapping is not None]
+                    opt.optimizer.state[flat] = {MUON_MOMENTUM: torch.cat(
+                        [local(state.moments[MUON_MOMENTUM], names[id(p)]).reshape(-1) for p in here]).to(flat.device)}
+                    continue
                 group_steps = {state.steps[_local_name(model, names[id(p)])] for p in lp_group}
                 if len(group_steps) != 1:
                     raise UserError(f"parameters of one ZeRO group were saved at different optimizer steps "
@@ -298,12 +337,12 @@ def apply_training_state(engine, state: TrainingState, tp_rank: int, tp_size: in
                                              **{k: torch.zeros_like(flat) for k in MOMENTS}}
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()  # links each parameter to its slice of those moments
-            for group in lp_groups:
+            for i, group in enumerate(lp_groups):
                 for p in group:
                     name = names[id(p)]
                     value = local(state.params, name)
                     safe_set_full_fp32_param(p, value)
-                    for k in MOMENTS:
+                    for k in () if i in muon_groups else MOMENTS:
                         safe_set_full_optimizer_state(p, local(state.moments[k], name), k)
                     p.data.copy_(value)
         else:
@@ -321,11 +360,13 @@ def apply_training_state(engine, state: TrainingState, tp_rank: int, tp_size: in
 
 
 def _step_value(optimizer, step: int, device):
-    """The step count as `optimizer` keeps it: torch's Adam/AdamW a float32 tensor (on the parameter's device
-    for the fused kernel), DeepSpeed's CPU Adam (optimizer offload) a plain int."""
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return torch.tensor(float(step), dtype=torch.float32, device=device)
-    return int(step)
+    """The step count as `optimizer` keeps it: DeepSpeed's CPU Adam (optimizer offload) a plain int; torch's
+    Adam/AdamW (also Muon's AdamW side) a float32 tensor, on the parameter's device for the fused kernel."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        return int(step)
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
 def _apply_scheduler(sched, saved: dict) -> None:
@@ -348,12 +389,13 @@ def write_universal(state: TrainingState, out_tag_dir: Path) -> None:
     from safetensors.torch import save_file
 
     out_tag_dir.mkdir(parents=True)
-    tensors = {"fp32": state.params, **state.moments}
-    for key, fname in UNIVERSAL_TENSORS.items():
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors[key].items()}, str(out_tag_dir / fname))
+    tensors = {"fp32": state.params, **{k: v for k, v in state.moments.items() if v}}
+    for key, values in tensors.items():
+        save_file({k: v.detach().contiguous().clone() for k, v in values.items()},
+                  str(out_tag_dir / UNIVERSAL_TENSORS[key]))
     torch.save({"steps": state.steps, "lr_scheduler": state.lr_scheduler, "counters": state.counters,
                 "client": state.client}, out_tag_dir / UNIVERSAL_STATE)
-    files = {f: (out_tag_dir / f).stat().st_size for f in [*UNIVERSAL_TENSORS.values(), UNIVERSAL_STATE]}
+    files = {f: (out_tag_dir / f).stat().st_size for f in [*(UNIVERSAL_TENSORS[k] for k in tensors), UNIVERSAL_STATE]}
     meta = {"format": UNIVERSAL_FORMAT, "version": UNIVERSAL_VERSION, "files": files,
             "iteration": state.client.get("iteration")}
     (out_tag_dir / UNIVERSAL_META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -379,16 +421,20 @@ def check_universal(tag_dir: Path) -> dict:
     return meta
 
 
-def _read_tensors(path: Path, expected: set[str] | None) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, expected: set[str], shapes: dict | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file whose names are `expected` (with `shapes`: a subset of them, of those shapes)."""
     from safetensors.torch import load_file
 
     try:
         out = load_file(str(path))
     except Exception as e:  # safetensors' own errors: bad header, short file
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    if expected is not None and set(out) != expected:
-        extra, missing = sorted(set(out) - expected), sorted(expected - set(out))
+    extra, missing = sorted(set(out) - expected), sorted(expected - set(out))
+    if extra or (missing and shapes is None):
         raise UserError(f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, v in out.items():
+        if shapes is not None and v.shape != shapes[name]:
+            raise UserError(f"{path}: {name} has shape {tuple(v.shape)}, the weight {tuple(shapes[name])}")
     return out
 
 
@@ -405,18 +451,21 @@ def _expected_names(config: ModelConfig) -> set[str]:
 
 def read_universal(tag_dir: Path, config: ModelConfig) -> TrainingState:
     tag_dir = Path(tag_dir)
-    check_universal(tag_dir)
+    meta = check_universal(tag_dir)
     names = _expected_names(config)
-    t = {k: _read_tensors(tag_dir / f, names) for k, f in UNIVERSAL_TENSORS.items()}
-    for name, v in t["fp32"].items():
-        for k in MOMENTS:
-            if t[k][name].shape != v.shape:
-                raise UserError(f"{tag_dir / UNIVERSAL_TENSORS[k]}: {name} has shape {tuple(t[k][name].shape)}, "
-                                f"the weight {tuple(v.shape)}")
+    params = _read_tensors(tag_dir / UNIVERSAL_TENSORS["fp32"], names)
+    shapes = {k: v.shape for k, v in params.items()}
+    moments = {k: _read_tensors(tag_dir / f, names, shapes) for k, f in UNIVERSAL_TENSORS.items()
+               if k != "fp32" and f in meta["files"]}
+    adam = set(moments.get(MOMENTS[0], {}))
+    uncovered = sorted(n for n in names if n not in moments.get(MUON_MOMENTUM, {})
+                       and not all(n in moments.get(k, {}) for k in MOMENTS))
+    if uncovered:
+        raise UserError(f"{tag_dir} holds no optimizer state for {uncovered[:3]}: convert the checkpoint again")
     rest = load_weights_only(tag_dir / UNIVERSAL_STATE)
-    if not isinstance(rest, dict) or set(rest.get("steps", {})) != names:
-        raise UserError(f"{tag_dir / UNIVERSAL_STATE} does not hold a step count for every parameter")
-    return TrainingState(params=t["fp32"], moments={k: t[k] for k in MOMENTS}, steps=rest["steps"],
+    if not isinstance(rest, dict) or not adam <= set(rest.get("steps", {})):
+        raise UserError(f"{tag_dir / UNIVERSAL_STATE} does not hold a step count for every AdamW parameter")
+    return TrainingState(params=params, moments=moments, steps=rest["steps"],
                          lr_scheduler=rest.get("lr_scheduler") or {}, counters=rest.get("counters") or {},
                          client=rest.get("client") or {})
 
