@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import launch_utils
-from launch_utils import REPO, SMALL, losses, pretrain_args
+from launch_utils import REPO, SMALL, copy_at, losses, pretrain_args
 from launch_utils import env as _env
 from megatron_lite.checkpoint.universal import convert_to_fp32, convert_to_universal, read_training_state
 from megatron_lite.config import ModelConfig
@@ -29,16 +29,6 @@ TOL = 1e-5
 
 def run(args: list, ranks: int = 1):
     return launch_utils.run("launch/pretrain.py", args, ranks, launcher="torchrun")
-
-
-def copy_at(src: Path, dst: Path, step: int) -> Path:
-    """A checkpoint folder holding only `src`'s global_step{step}: what a run stopped there would leave."""
-    dst.mkdir()
-    for name in ("model_config.json", "tokenizer"):
-        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, dst / name)
-    shutil.copytree(src / f"global_step{step}", dst / f"global_step{step}")
-    (dst / "latest").write_text(f"global_step{step}")
-    return dst
 
 
 def assert_follows(straight: Path, resumed: Path, steps: range) -> None:
@@ -111,6 +101,17 @@ def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
     convert_to_universal(dense, uni)
     args = [*SMALL, "--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "30",
             "--lr", "3e-3", "--warmup-iters", "2", "--micro-batch-size", "2", "--grad-accum", "2", "--load", str(uni)]
+    # Mismatched: a tensor file (sizes listed right) without one of the model's weights.
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(uni, tmp_path / "bad")
+    f, meta = bad / "global_step20" / "fp32.safetensors", bad / "global_step20" / "universal.json"
+    save_file({k: v for k, v in load_file(str(f)).items() if k != "norm.weight"}, str(f))
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "files": {
+        **json.loads(meta.read_text())["files"], "fp32.safetensors": f.stat().st_size}}))
+    with pytest.raises(UserError, match=f"{f} does not match the model.*missing \\['norm.weight'\\]"):
+        main("pretrain", [*args[:-1], str(bad)])
+    # Truncated, then missing.
     f = uni / "global_step20" / "exp_avg.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(UserError, match=f"{f} has 1000 bytes.*truncated"):

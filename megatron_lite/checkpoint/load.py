@@ -174,14 +174,14 @@ def check_checkpoint_dir(path: str) -> str:
     return tag
 
 
-def resume_plan(path: str, dp: int, tp: int, ep: int, ds_config: dict) -> str | None:
+def resume_plan(path: str, config: ModelConfig, dp: int, tp: int, ep: int, ds_config: dict) -> str | None:
     """None when `path`'s latest checkpoint was saved with this run's layout (DeepSpeed's own exact load),
     else the line to print: the training state is resharded from the saved layout to this one (before
     DeepSpeed starts, so what cannot be resharded is one line, not a traceback)."""
     tag_dir = Path(path) / latest_tag(Path(path))
     now = Layout(dp=dp, tp=tp, ep=ep, zero=(ds_config.get("zero_optimization") or {}).get("stage", 0) > 0)
     if is_universal(tag_dir):
-        check_universal(tag_dir)
+        check_universal(tag_dir, config)
         saved = None
     else:
         saved = saved_layout(tag_dir)

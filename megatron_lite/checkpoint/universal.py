@@ -402,8 +402,11 @@ def write_universal(state: TrainingState, out_tag_dir: Path) -> None:
     fsync_tree(out_tag_dir)
 
 
-def check_universal(tag_dir: Path) -> dict:
-    """universal.json of a universal tag folder, after checking every file it lists is there, whole."""
+def check_universal(tag_dir: Path, config: ModelConfig | None = None) -> dict:
+    """universal.json of a universal tag folder, after checking that every file it lists is there, whole,
+    and (given the model's config) that the tensor files' headers hold this model's names and shapes: a
+    truncated or mismatched folder is one line naming the file, before anything is loaded."""
+    tag_dir = Path(tag_dir)
     path = tag_dir / UNIVERSAL_META
     try:
         meta = json.loads(path.read_text())
@@ -411,59 +414,71 @@ def check_universal(tag_dir: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
     if meta.get("format") != UNIVERSAL_FORMAT or meta.get("version") != UNIVERSAL_VERSION:
         raise UserError(f"{path} is not a {UNIVERSAL_FORMAT} v{UNIVERSAL_VERSION} description")
-    for fname, size in meta.get("files", {}).items():
+    files = meta.get("files", {})
+    for fname in (UNIVERSAL_TENSORS["fp32"], UNIVERSAL_STATE):
+        if fname not in files:
+            raise UserError(f"{path} lists no {fname}: convert the checkpoint again")
+    for fname, size in files.items():
         f = tag_dir / fname
         if not f.is_file():
             raise UserError(f"{f} is missing from the universal checkpoint")
         if f.stat().st_size != size:
             raise UserError(f"{f} has {f.stat().st_size} bytes, {UNIVERSAL_META} says {size}: truncated or "
                             "replaced; convert the checkpoint again")
+    if config is None:
+        return meta
+    expected = {n: tuple(p.shape) for n, p in _skeleton(config).named_parameters()}
+    held = {}
+    for key, fname in UNIVERSAL_TENSORS.items():
+        if fname not in files:
+            continue
+        held[key] = shapes = _tensor_shapes(tag_dir / fname)
+        extra = sorted(set(shapes) - set(expected))
+        missing = sorted(set(expected) - set(shapes)) if key == "fp32" else []
+        wrong = sorted(n for n in set(shapes) & set(expected) if shapes[n] != expected[n])
+        if extra or missing or wrong:
+            raise UserError(f"{tag_dir / fname} does not match the model in model_config.json: missing "
+                            f"{missing[:3]}, unexpected {extra[:3]}, other shapes {wrong[:3]}")
+    uncovered = sorted(n for n in expected if n not in held.get(MUON_MOMENTUM, {})
+                       and not all(n in held.get(k, {}) for k in MOMENTS))
+    if uncovered:
+        raise UserError(f"{tag_dir} holds no optimizer state for {uncovered[:3]}: convert the checkpoint again")
     return meta
 
 
-def _read_tensors(path: Path, expected: set[str], shapes: dict | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file whose names are `expected` (with `shapes`: a subset of them, of those shapes)."""
+def _tensor_shapes(path: Path) -> dict[str, tuple]:
+    """Names and shapes from a safetensors file's header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors' own errors: bad header, short file
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        out = load_file(str(path))
-    except Exception as e:  # safetensors' own errors: bad header, short file
+        return load_file(str(path))
+    except Exception as e:  # changed since check_universal looked at it
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    extra, missing = sorted(set(out) - expected), sorted(expected - set(out))
-    if extra or (missing and shapes is None):
-        raise UserError(f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, v in out.items():
-        if shapes is not None and v.shape != shapes[name]:
-            raise UserError(f"{path}: {name} has shape {tuple(v.shape)}, the weight {tuple(shapes[name])}")
-    return out
 
 
 def read_universal_weights(tag_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Only the fp32 weights of a universal folder (inference, export)."""
-    tag_dir = Path(tag_dir)
-    check_universal(tag_dir)
-    return _read_tensors(tag_dir / UNIVERSAL_TENSORS["fp32"], _expected_names(config))
-
-
-def _expected_names(config: ModelConfig) -> set[str]:
-    return {n for n, _ in _skeleton(config).named_parameters()}
+    check_universal(tag_dir, config)
+    return _read_tensors(Path(tag_dir) / UNIVERSAL_TENSORS["fp32"])
 
 
 def read_universal(tag_dir: Path, config: ModelConfig) -> TrainingState:
     tag_dir = Path(tag_dir)
-    meta = check_universal(tag_dir)
-    names = _expected_names(config)
-    params = _read_tensors(tag_dir / UNIVERSAL_TENSORS["fp32"], names)
-    shapes = {k: v.shape for k, v in params.items()}
-    moments = {k: _read_tensors(tag_dir / f, names, shapes) for k, f in UNIVERSAL_TENSORS.items()
-               if k != "fp32" and f in meta["files"]}
-    adam = set(moments.get(MOMENTS[0], {}))
-    uncovered = sorted(n for n in names if n not in moments.get(MUON_MOMENTUM, {})
-                       and not all(n in moments.get(k, {}) for k in MOMENTS))
-    if uncovered:
-        raise UserError(f"{tag_dir} holds no optimizer state for {uncovered[:3]}: convert the checkpoint again")
+    files = check_universal(tag_dir, config)["files"]
+    params = _read_tensors(tag_dir / UNIVERSAL_TENSORS["fp32"])
+    moments = {k: _read_tensors(tag_dir / f) for k, f in UNIVERSAL_TENSORS.items() if k != "fp32" and f in files}
     rest = load_weights_only(tag_dir / UNIVERSAL_STATE)
-    if not isinstance(rest, dict) or not adam <= set(rest.get("steps", {})):
+    if not isinstance(rest, dict) or not set(moments.get(MOMENTS[0], {})) <= set(rest.get("steps", {})):
         raise UserError(f"{tag_dir / UNIVERSAL_STATE} does not hold a step count for every AdamW parameter")
     return TrainingState(params=params, moments=moments, steps=rest["steps"],
                          lr_scheduler=rest.get("lr_scheduler") or {}, counters=rest.get("counters") or {},

@@ -219,7 +219,7 @@ def plan_parallel(a, config: ModelConfig, raw_ds_config: dict) -> tuple[Parallel
         muon_lr=a.muon_lr, lr_decay_style=a.lr_decay_style, wsd_decay_frac=a.lr_wsd_decay_frac,
         recipe=recipe_for(None if getattr(a, "pretrained", None) else a.model))  # SFT: the generic recipe
     if a.load:  # a layout other than the saving run's is resharded on load (None: DeepSpeed's exact load)
-        a.reshard = resume_plan(a.load, dims.dp, dims.tp, dims.ep, ds_config)
+        a.reshard = resume_plan(a.load, config, dims.dp, dims.tp, dims.ep, ds_config)
     s = TrainSettings(train_iters=a.train_iters, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       grad_accum=ds_config["gradient_accumulation_steps"], dp_size=dims.dp, dp_rank=dims.dp_rank,
                       seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
