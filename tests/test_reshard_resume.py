@@ -124,7 +124,8 @@ def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
     with pytest.raises(UserError, match="holds adamw optimizer state, this run uses --optimizer muon"):
         main("pretrain", [*args[:-1], str(dense), "--optimizer", "muon"])
     bf16 = tmp_path / "bf16.json"
-    bf16.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero2.json").read_text()), "bf16": {"enabled": True}}))
+    zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    bf16.write_text(json.dumps({**zero2, "bf16": {"enabled": True}}))
     with pytest.raises(UserError, match="cannot be resharded into this bf16/fp16 run without ZeRO"):
         main("pretrain", [*args[:-1], str(dense), "--deepspeed", str(bf16)])
     # A failed conversion leaves nothing behind.

@@ -2,8 +2,9 @@
 
 `TrainingState` holds what an exact resume needs with no trace of the layout that saved it: per parameter
 (full tp = 1 tensors, global expert ids) the fp32 master weight, every optimizer moment (AdamW's exp_avg /
-exp_avg_sq and step count; Muon's momentum_buffer) plus the learning-rate scheduler, DeepSpeed's step counters and the training loop's client state
-(iteration, consumed samples, RNG). It is read from any DeepSpeed checkpoint we write:
+exp_avg_sq and step count; Muon's momentum_buffer), plus the learning-rate scheduler, DeepSpeed's step
+counters and the training loop's client state (iteration, consumed samples, RNG). It is read from any
+DeepSpeed checkpoint we write:
 
   ZeRO 1/2   each `zero_pp_rank_R_mp_rank_T_optim_states.pt` holds rank R's slice of every parameter group's
              flat fp32 partition and of the AdamW moments, and `param_slice_mappings` (name -> offset, numel
@@ -91,7 +92,8 @@ def saved_layout(tag_dir: Path) -> Layout:
     names (memory-mapped: nothing but the pickle's small header is read)."""
     tag_dir = Path(tag_dir)
     tp = sum(1 for f in tag_dir.iterdir() if MODEL_STATES_FILE.match(f.name))
-    shards = sorted(int(m.group(1)) for f in tag_dir.iterdir() if (m := ZERO_SHARD_FILE.match(f.name)) and m.group(2) == "00")
+    shards = sorted(int(m.group(1)) for f in tag_dir.iterdir()
+                    if (m := ZERO_SHARD_FILE.match(f.name)) and m.group(2) == "00")
     if not shards:
         return Layout(dp=1, tp=tp, ep=1, zero=False)
     groups = _zero_file(tag_dir, 0, 0, mmap=True)["base_optimizer_state"]["param_groups"]
@@ -137,7 +139,8 @@ def saved_optimizer(tag_dir: Path) -> str | None:
     if saved_layout(tag_dir).zero:
         groups = _zero_file(tag_dir, 0, 0, mmap=True)["base_optimizer_state"]["param_groups"]
     else:
-        groups = (load_weights_only(tag_dir / model_states_file(0), mmap=True).get("optimizer") or {}).get("param_groups")
+        states = load_weights_only(tag_dir / model_states_file(0), mmap=True)
+        groups = (states.get("optimizer") or {}).get("param_groups")
     if groups is None:
         return None
     return "muon" if any(g.get("use_muon") for g in groups) else "adamw"
