@@ -145,7 +145,7 @@ def test_tp2_to_tp1(data, tmp_path):
     assert_same_state(tp2, one, "global_step20")
 
 
-def test_moe_ep2_to_ep1_at_dp2_and_fp32_export(data, tmp_path):
+def test_moe_ep2_to_ep1_to_ep2_at_dp2_and_fp32_export(data, tmp_path):
     def args(save, ep, *extra):
         return ["--model", "tiny-moe", *SMALL, "--num-experts", 4, "--topk", 2, "--ep", ep, "--tokenizer",
                 data["tok"], "--data-path", data["pt"], "--train-iters", 20, "--micro-batch-size", 2, "--lr", "3e-3",
@@ -154,10 +154,16 @@ def test_moe_ep2_to_ep1_at_dp2_and_fp32_export(data, tmp_path):
     ep2 = tmp_path / "ep2"
     run(args(ep2, 2, "--save-interval", 10), ranks=2)
     ep1 = copy_at(ep2, tmp_path / "ep1", 10)
-    p = run(args(ep1, 1, "--load", ep1), ranks=2)
+    p = run(args(ep1, 1, "--load", ep1, "--save-interval", 5), ranks=2)
     assert "from dp 2, tp 1, ep 2, ZeRO stage 1/2 to dp 2, tp 1, ep 1, ZeRO stage 1/2" in p.stdout
     assert_follows(ep2, ep1, range(11, 21))
     assert_same_state(ep2, ep1, "global_step20")
+    # And back: ep 1's step-15 save split over 2 expert-parallel ranks again (global expert ids -> local).
+    back = copy_at(ep1, tmp_path / "back", 15)
+    p = run(args(back, 2, "--load", back), ranks=2)
+    assert "from dp 2, tp 1, ep 1, ZeRO stage 1/2 to dp 2, tp 1, ep 2, ZeRO stage 1/2" in p.stdout
+    assert_follows(ep2, back, range(16, 21))
+    assert_same_state(ep2, back, "global_step20")
 
     # --to fp32 of the ep 2 checkpoint: every expert under its global id, equal to the saved weights.
     from safetensors.torch import load_file
