@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,16 @@ def run(script: str, args: list, ranks: int = 1, check: bool = True, launcher: s
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def copy_at(src: Path, dst: Path, step: int) -> Path:
+    """A checkpoint folder holding only `src`'s global_step{step}: what a run stopped there would leave."""
+    dst.mkdir()
+    for name in ("model_config.json", "tokenizer"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, dst / name)
+    shutil.copytree(src / f"global_step{step}", dst / f"global_step{step}")
+    (dst / "latest").write_text(f"global_step{step}")
+    return dst
 
 
 def metrics(ckpt) -> list[dict]:

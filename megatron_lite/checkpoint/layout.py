@@ -9,7 +9,9 @@
             L counts MoE layers (= decoder layer here), E is the *global* expert id, so the files look the
             same whatever the expert-parallel size of the run that wrote them.
         zero_pp_rank_{R}_mp_rank_{tp:02d}_optim_states.pt        ZeRO optimizer shard of data-parallel rank R
-        expp_rank_{R}_mp_rank_{tp:02d}_optim_states.pt           (MoE) expert optimizer states
+            (MoE: the expert parameter groups too, partitioned over the expert-data-parallel group)
+    CKPT/<tag>/ of a universal copy (tools/convert_checkpoint.py; checkpoint/universal.py)
+        universal.json, fp32.safetensors, exp_avg.safetensors, exp_avg_sq.safetensors, state.pt
     CKPT/model_config.json           ModelConfig (vocab_size padded from the tokenizer)
     CKPT/tokenizer/                  HF fast tokenizer with the ChatML chat template, so CKPT alone is enough
                                      to generate or convert
@@ -45,7 +47,7 @@ LATEST = "latest"
 TMP_PREFIX = "tmp-"
 MODEL_STATES_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 EXPERT_STATES_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-ZERO_SHARD_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+ZERO_SHARD_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # dp rank, tp rank
 # A DeepSpeed-MoE expert weight in a full state dict: decoder layer, global (or local) expert id, parameter.
 EXPERT_KEY = re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\."
                         r"(?P<expert>\d+)\.(?P<param>.+)$")
@@ -104,11 +106,12 @@ def _numpy_dtype_classes() -> list:
     return [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
 
 
-def load_weights_only(path: Path):
+def load_weights_only(path: Path, mmap: bool = False):
     """torch.load(weights_only=True) of one checkpoint file, on the CPU, with the globals `_allowed_global`
-    admits; no pickle code ever runs. A corrupt file or a refused global is a one-line UserError."""
+    admits; no pickle code ever runs. A corrupt file or a refused global is a one-line UserError. `mmap`
+    maps the tensors instead of reading them (to look at a large file's small entries)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # corrupt/truncated file, or globals beyond the weights-only defaults
         error = e
     try:
@@ -122,7 +125,7 @@ def load_weights_only(path: Path):
             safe += _numpy_dtype_classes()  # a rebuilt numpy.dtype is an instance of one of these classes
         try:
             with torch.serialization.safe_globals(safe):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
             error = e
     what = f"it needs unsafe globals {names}" if names else str(error).splitlines()[0]

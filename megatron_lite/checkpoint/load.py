@@ -1,15 +1,18 @@
 """Read checkpoint folders (layout.py): full state dicts for inference and export, weights into a model of
-any tp / ep, the checks training runs before `--load`, and the exact resume of a DeepSpeed engine."""
+any tp / ep, the checks training runs before `--load`, and the exact resume of a DeepSpeed engine (on the
+layout that saved it through DeepSpeed, on any other through universal.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint.layout import (EXPERT_KEY, EXPERT_STATES_FILE, MODEL_STATES_FILE, ZERO_SHARD_FILE,
-                                             check_pickle_globals, expert_key, latest_tag, load_weights_only,
-                                             model_states_file)
+from megatron_lite.checkpoint.layout import (EXPERT_KEY, EXPERT_STATES_FILE, MODEL_STATES_FILE, check_pickle_globals,
+                                             expert_key, latest_tag, load_weights_only, model_states_file)
 from megatron_lite.checkpoint.lora import merge_adapters, read_lora_record
+from megatron_lite.checkpoint.universal import (UNIVERSAL_META, Layout, apply_training_state, check_reshardable,
+                                                check_universal, half_without_zero, is_universal, read_training_state,
+                                                read_universal_weights, saved_layout, saved_optimizer)
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
@@ -27,14 +30,14 @@ def _resolve_tag_dir(ckpt_dir: Path, tag: str | None) -> tuple[Path, Path]:
     """(folder holding model_config.json, folder holding the mp_rank files)."""
     _require_folder(ckpt_dir, "checkpoint folder")
     # A tag folder itself (CKPT/global_step30) is accepted too; its config sits one level up.
-    if tag is None and any(MODEL_STATES_FILE.match(p.name) for p in ckpt_dir.iterdir()):
+    if tag is None and any(MODEL_STATES_FILE.match(p.name) or p.name == UNIVERSAL_META for p in ckpt_dir.iterdir()):
         return ckpt_dir.parent, ckpt_dir
     if tag is None:
         tag = latest_tag(ckpt_dir)
         if tag is None:
             # Name a finished tag folder it holds: that is itself a valid path, for the CLI and the app alike.
             tags = sorted((p.name for p in ckpt_dir.iterdir() if not p.name.startswith("tmp-")
-                           and (p / model_states_file(0)).is_file()), key=lambda t: (len(t), t))
+                           and ((p / model_states_file(0)).is_file() or is_universal(p))), key=lambda t: (len(t), t))
             raise UserError(f"{ckpt_dir} has no 'latest' file and no {model_states_file(0)}: " + (
                 f"give one of its checkpoints, e.g. {ckpt_dir / tags[-1]}" if tags else
                 "not a megatron_lite checkpoint folder"))
@@ -61,6 +64,9 @@ def load_full_state_dict(ckpt_dir: str | Path, tag: str | None = None,
     root, tag_dir = _resolve_tag_dir(Path(ckpt_dir), tag)
     config = ModelConfig.load(root)
     lora = read_lora_record(root) if merge_lora else None
+    if is_universal(tag_dir):
+        sd = read_universal_weights(tag_dir, config)
+        return config, (merge_adapters(sd, lora) if lora else sd)
     ranks = sorted(int(m.group(1)) for p in tag_dir.iterdir() if (m := MODEL_STATES_FILE.match(p.name)))
     if not ranks or ranks != list(range(len(ranks))):
         raise UserError(f"{tag_dir} has model-state files for tp ranks {ranks}, expected 0..tp-1")
@@ -166,25 +172,38 @@ def check_checkpoint_dir(path: str) -> str:
     tag = latest_tag(root)
     if tag is None:
         raise UserError(f"{path} has no 'latest' file: not a megatron_lite checkpoint, or no save finished")
-    if not (root / tag / model_states_file(0)).exists():
+    if not (root / tag / model_states_file(0)).exists() and not is_universal(root / tag):
         raise UserError(f"{path}/latest names {tag!r}, which has no {model_states_file(0)}")
     check_pickle_globals(root / tag)
     return tag
 
 
-def check_resumable(path: str, dp: int, tp: int, zero_stage: int) -> None:
-    """Exact resume restores the optimizer, whose ZeRO shards are cut per data-parallel rank: refuse (one
-    line, before DeepSpeed starts) a layout that DeepSpeed would fail on with a traceback."""
+def resume_plan(path: str, config: ModelConfig, dp: int, tp: int, ep: int, ds_config: dict) -> str | None:
+    """None when `path`'s latest checkpoint was saved with this run's layout (DeepSpeed's own exact load),
+    else the line to print: the training state is resharded from the saved layout to this one (before
+    DeepSpeed starts, so what cannot be resharded is one line, not a traceback)."""
     tag_dir = Path(path) / latest_tag(Path(path))
-    shards = {int(m.group(1)) for f in tag_dir.iterdir() if (m := ZERO_SHARD_FILE.match(f.name))}
-    saved_tp = sum(1 for f in tag_dir.iterdir() if MODEL_STATES_FILE.match(f.name))
-    saved = f"{len(shards)} ZeRO shards (data-parallel {len(shards)})" if shards else "no ZeRO shards (one data-parallel rank or stage 0)"
-    now = f"data-parallel {dp} with ZeRO stage {zero_stage}"
-    if saved_tp != tp:
-        raise UserError(f"--load {path}: saved with --tp {saved_tp}, this run has --tp {tp}; resume with --tp {saved_tp}")
-    if (zero_stage > 0) != bool(shards) or (shards and len(shards) != dp):
-        raise UserError(f"--load {path}: the optimizer state was saved as {saved}, this run is {now}; "
-                        f"resume with the same number of data-parallel ranks (world size / --tp) and ds_config")
+    now = Layout(dp=dp, tp=tp, ep=ep, zero=(ds_config.get("zero_optimization") or {}).get("stage", 0) > 0)
+    if is_universal(tag_dir):
+        check_universal(tag_dir, config)
+        saved = None
+    else:
+        saved = saved_layout(tag_dir)
+        same = saved == now or (half_without_zero(ds_config) and (saved.dp, saved.tp, saved.ep) == (dp, tp, ep))
+        if same:
+            return None
+        check_reshardable(tag_dir)
+    source = "a universal checkpoint" if saved is None else f"a checkpoint saved with {saved}"
+    if half_without_zero(ds_config):
+        raise UserError(f"--load {path}: {source} cannot be resharded into this bf16/fp16 run without ZeRO "
+                        f"({now}) yet; resume with the saved layout or a ZeRO config")
+    was, now_opt = saved_optimizer(tag_dir), "muon" if ds_config["optimizer"]["type"] == "Muon" else "adamw"
+    if was != now_opt:
+        raise UserError(f"--load {path}: {source} holds {was} optimizer state, this run uses --optimizer {now_opt}; "
+                        f"resume with --optimizer {was}")
+    if saved is None:
+        return f"--load {path}: universal checkpoint, resharding the training state to {now}"
+    return f"--load {path}: resharding the training state from {saved} to {now}"
 
 
 # The training flag behind each ModelConfig field it sets; the preset (--model) sets the others.
@@ -205,11 +224,16 @@ def check_same_model(path: str, config: ModelConfig) -> None:
                         f"in another folder")
 
 
-def load_training_checkpoint(engine, path: str, config: ModelConfig) -> dict:
+def load_training_checkpoint(engine, path: str, config: ModelConfig, reshard: tuple[int, int] | None = None) -> dict:
     """Restore a DeepSpeed engine exactly (weights, optimizer, scheduler) from CKPT (`latest`). Returns the
-    client state the training loop saved."""
+    client state the training loop saved. `reshard` (tp rank, tp size): the checkpoint has another layout
+    (`resume_plan`); its layout-free form fills the engine instead of DeepSpeed's loader."""
     tag = check_checkpoint_dir(path)
     check_same_model(path, config)
+    if reshard is not None:
+        state = read_training_state(Path(path) / tag, config)
+        apply_training_state(engine, state, *reshard)
+        return state.client
     load_path, client = engine.load_checkpoint(path, tag=tag)
     if load_path is None:
         raise UserError(f"could not load checkpoint {path}/{tag}")

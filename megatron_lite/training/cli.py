@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint.load import (check_checkpoint_dir, check_resumable, check_same_model,
+from megatron_lite.checkpoint.load import (check_checkpoint_dir, check_same_model, resume_plan,
                                            load_training_checkpoint, load_weights_into, resolve_load)
 from megatron_lite.checkpoint.save import check_save_space, write_run_files
 from megatron_lite.config import PRESETS, ModelConfig, get_preset, pad_vocab_size
@@ -126,9 +126,11 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=0,
                    help="stop (saving first when --save is set) at the first step divisible by N; resume with --load")
     g.add_argument("--load", default=None,
-                   help="resume exactly from this checkpoint folder's 'latest'; the same folder as --save may hold "
-                        "no checkpoint yet (then the run starts from scratch), so one command line serves every "
-                        "(re)start of a job")
+                   help="resume exactly from this checkpoint folder's 'latest' (or a universal folder from "
+                        "tools/convert_checkpoint.py); another dp / --tp / --ep / ZeRO stage than the saving run's "
+                        "reshards the weights, fp32 masters and AdamW moments (keep the global batch to continue "
+                        "the same data order); the same folder as --save may hold no checkpoint yet (then the run "
+                        "starts from scratch), so one command line serves every (re)start of a job")
     g.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many consecutive steps with a non-finite loss or gradients (each is "
                         "skipped, weights untouched); 0: never stop")
@@ -228,8 +230,8 @@ def plan_parallel(a, config: ModelConfig, raw_ds_config: dict) -> tuple[Parallel
         grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters, optimizer=a.optimizer,
         muon_lr=a.muon_lr, lr_decay_style=a.lr_decay_style, wsd_decay_frac=a.lr_wsd_decay_frac,
         recipe=recipe_for(a.model, sft=bool(getattr(a, "pretrained", None))))
-    if a.load:
-        check_resumable(a.load, dims.dp, dims.tp, (ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if a.load:  # a layout other than the saving run's is resharded on load (None: DeepSpeed's exact load)
+        a.reshard = resume_plan(a.load, config, dims.dp, dims.tp, dims.ep, ds_config)
     s = TrainSettings(train_iters=a.train_iters, micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
                       grad_accum=ds_config["gradient_accumulation_steps"], dp_size=dims.dp, dp_rank=dims.dp_rank,
                       seq_length=a.seq_length, seed=a.seed, log_interval=a.log_interval,
@@ -334,13 +336,16 @@ def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims
     return build_engine(model, ds_config, dims)
 
 
-def resume(kind: str, a, engine, config: ModelConfig, is_rank0: bool) -> Progress:
+def resume(kind: str, a, engine, config: ModelConfig, dims: ParallelDims, is_rank0: bool) -> Progress:
     """The --load checkpoint's progress, its state restored into `engine` and the RNGs; else a fresh start."""
     if not a.load:
         if kind != "pretrain" and is_rank0:
             print(f"initialised from pretrained {a.pretrained}")
         return Progress()
-    client = load_training_checkpoint(engine, a.load, config)
+    reshard = getattr(a, "reshard", None)
+    if reshard and is_rank0:
+        print(reshard)
+    client = load_training_checkpoint(engine, a.load, config, reshard=(dims.tp_rank, dims.tp) if reshard else None)
     progress = Progress(iteration=int(client["iteration"]), consumed_samples=int(client["consumed_samples"]),
                         skipped_steps=int(client.get("skipped_steps", 0)))
     set_rng_state(client["rng"])
@@ -383,7 +388,7 @@ def main(kind: str, argv=None, faults: Faults | None = None) -> dict:
     train_ds, valid_ds = build_datasets(kind, a, s)
     engine = build_model_and_engine(kind, a, config, dims, ds_config, lora)
     objective = dpo.build_objective(a, ref_config, dims, engine, rank == 0) if kind == "dpo" else lm_objective
-    progress = resume(kind, a, engine, config, rank == 0)
+    progress = resume(kind, a, engine, config, dims, rank == 0)
     if lora is not None and a.load:
         restore_frozen_base(engine.module, a.pretrained)
     monitor = open_monitor(kind, a, config, dims, ds_config, tok_dir, world, progress.iteration, rank == 0)

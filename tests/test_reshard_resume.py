@@ -1,0 +1,201 @@
+"""`--load` on another parallel layout, and layout-free (universal / fp32) copies of a checkpoint.
+
+Each case trains straight on layout A, then resumes A's step-10 checkpoint on layout B with the same global
+batch (micro x dp x grad-accum): B's losses must follow A's (fp32 on CPU). Runs are shared: the dense dp 2
+run is the reference for dp 2 -> 1, for 1 -> 2 (chained from the dp 1 run's step-15 save) and for the
+universal round trip; the optimizer state after resharding is compared with the straight run's too.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import launch_utils
+from launch_utils import REPO, SMALL, copy_at, losses, pretrain_args
+from launch_utils import env as _env
+from megatron_lite.checkpoint.universal import convert_to_fp32, convert_to_universal, read_training_state
+from megatron_lite.config import ModelConfig
+from megatron_lite.errors import UserError
+
+pytestmark = pytest.mark.multirank
+TOL = 1e-5
+
+
+def run(args: list, ranks: int = 1):
+    return launch_utils.run("launch/pretrain.py", args, ranks, launcher="torchrun")
+
+
+def assert_follows(straight: Path, resumed: Path, steps: range) -> None:
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(steps)
+    assert max(abs(a[s] - b[s]) for s in steps) < TOL, [(s, a[s], b[s]) for s in steps]
+
+
+def assert_same_state(a: Path, b: Path, tag: str) -> None:
+    """Both runs' layout-free training state at `tag`: weights, both AdamW moments, step counts."""
+    config = ModelConfig.load(a)
+    x, y = read_training_state(a / tag, config), read_training_state(b / tag, config)
+    assert sorted(x.params) == sorted(y.params) and x.steps == y.steps
+    assert {k: sorted(v) for k, v in x.moments.items()} == {k: sorted(v) for k, v in y.moments.items()}
+    for name in x.params:
+        torch.testing.assert_close(y.params[name], x.params[name], atol=1e-6, rtol=1e-5)
+    for k, moments in x.moments.items():  # round-off of other reduction orders, relative to the tensor
+        for name, ref in moments.items():
+            torch.testing.assert_close(y.moments[k][name], ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+    assert x.client["consumed_samples"] == y.client["consumed_samples"]
+
+
+def convert(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *map(str, args)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data):
+    return tiny_data
+
+
+@pytest.fixture(scope="module")
+def dense(data, tmp_path_factory):
+    """20 steps straight at dp 2 (ZeRO-2, micro 2: global batch 4), saved at 10 and 20."""
+    save = tmp_path_factory.mktemp("reshard_dense") / "dp2"
+    run(pretrain_args(data, save, 20, "--micro-batch-size", 2, "--save-interval", 10), ranks=2)
+    return save
+
+
+def test_dense_dp2_to_dp1_to_dp2_and_universal_round_trip(dense, data, tmp_path):
+    one = copy_at(dense, tmp_path / "dp1", 10)
+    p = run(pretrain_args(data, one, 20, "--micro-batch-size", 2, "--grad-accum", 2, "--save-interval", 5,
+                          "--load", one))
+    assert (f"--load {one}: resharding the training state from dp 2, tp 1, ep 1, ZeRO stage 1/2 to dp 1, tp 1, "
+            "ep 1, no ZeRO (stage 0)") in p.stdout
+    assert_follows(dense, one, range(11, 21))
+    assert_same_state(dense, one, "global_step20")
+
+    two = copy_at(one, tmp_path / "dp2", 15)
+    p = run(pretrain_args(data, two, 20, "--micro-batch-size", 2, "--load", two), ranks=2)
+    assert "from dp 1, tp 1, ep 1, no ZeRO (stage 0) to dp 2, tp 1, ep 1, ZeRO stage 1/2" in p.stdout
+    assert_follows(dense, two, range(16, 21))
+
+    # The universal copy of the dp 1 step-15 checkpoint resumes at that layout with the same losses.
+    uni = tmp_path / "universal"
+    c = convert("--load", one, "--tag", "global_step15", "--output", uni)
+    assert c.returncode == 0, c.stderr
+    assert (uni / "latest").read_text() == "global_step15" and not list(uni.glob("tmp-*"))
+    p = run(pretrain_args(data, uni, 20, "--micro-batch-size", 2, "--grad-accum", 2, "--load", uni))
+    assert f"--load {uni}: universal checkpoint, resharding the training state to dp 1" in p.stdout
+    assert_follows(dense, uni, range(16, 21))
+    assert_same_state(dense, uni, "global_step20")
+
+
+def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
+    from megatron_lite.training.cli import main
+
+    uni = tmp_path / "uni"
+    convert_to_universal(dense, uni)
+    args = [*SMALL, "--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "30",
+            "--lr", "3e-3", "--warmup-iters", "2", "--micro-batch-size", "2", "--grad-accum", "2", "--load", str(uni)]
+    # Mismatched: a tensor file (sizes listed right) without one of the model's weights.
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(uni, tmp_path / "bad")
+    f, meta = bad / "global_step20" / "fp32.safetensors", bad / "global_step20" / "universal.json"
+    save_file({k: v for k, v in load_file(str(f)).items() if k != "norm.weight"}, str(f))
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "files": {
+        **json.loads(meta.read_text())["files"], "fp32.safetensors": f.stat().st_size}}))
+    with pytest.raises(UserError, match=f"{f} does not match the model.*missing \\['norm.weight'\\]"):
+        main("pretrain", [*args[:-1], str(bad)])
+    # Truncated, then missing.
+    f = uni / "global_step20" / "exp_avg.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(UserError, match=f"{f} has 1000 bytes.*truncated"):
+        main("pretrain", args)
+    f.unlink()
+    with pytest.raises(UserError, match=f"{f} is missing"):
+        main("pretrain", args)
+    # Another optimizer than the saved state's, and DeepSpeed's fp16 optimizer (bf16 without ZeRO): refused
+    # before anything starts.
+    with pytest.raises(UserError, match="holds adamw optimizer state, this run uses --optimizer muon"):
+        main("pretrain", [*args[:-1], str(dense), "--optimizer", "muon"])
+    bf16 = tmp_path / "bf16.json"
+    zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    bf16.write_text(json.dumps({**zero2, "bf16": {"enabled": True}}))
+    with pytest.raises(UserError, match="cannot be resharded into this bf16/fp16 run without ZeRO"):
+        main("pretrain", [*args[:-1], str(dense), "--deepspeed", str(bf16)])
+    # A failed conversion leaves nothing behind.
+    c = convert("--load", uni, "--output", tmp_path / "again")
+    assert c.returncode == 2 and c.stderr.count("\n") == 1 and "missing" in c.stderr, c.stderr
+    assert not (tmp_path / "again" / "latest").exists() and not list((tmp_path / "again").glob("tmp-*"))
+
+
+def test_tp2_to_tp1(data, tmp_path):
+    tp2 = tmp_path / "tp2"
+    run(pretrain_args(data, tp2, 20, "--micro-batch-size", 2, "--grad-accum", 2, "--tp", 2, "--save-interval", 10),
+        ranks=2)
+    one = copy_at(tp2, tmp_path / "tp1", 10)
+    p = run(pretrain_args(data, one, 20, "--micro-batch-size", 2, "--grad-accum", 2, "--load", one))
+    assert "from dp 1, tp 2, ep 1, no ZeRO (stage 0) to dp 1, tp 1, ep 1, no ZeRO (stage 0)" in p.stdout
+    assert_follows(tp2, one, range(11, 21))
+    assert_same_state(tp2, one, "global_step20")
+
+
+def test_moe_ep2_to_ep1_to_ep2_at_dp2_and_fp32_export(data, tmp_path):
+    def args(save, ep, *extra):
+        return ["--model", "tiny-moe", *SMALL, "--num-experts", 4, "--topk", 2, "--ep", ep, "--tokenizer",
+                data["tok"], "--data-path", data["pt"], "--train-iters", 20, "--micro-batch-size", 2, "--lr", "3e-3",
+                "--save", save, *extra]
+
+    ep2 = tmp_path / "ep2"
+    run(args(ep2, 2, "--save-interval", 10), ranks=2)
+    ep1 = copy_at(ep2, tmp_path / "ep1", 10)
+    p = run(args(ep1, 1, "--load", ep1, "--save-interval", 5), ranks=2)
+    assert "from dp 2, tp 1, ep 2, ZeRO stage 1/2 to dp 2, tp 1, ep 1, ZeRO stage 1/2" in p.stdout
+    assert_follows(ep2, ep1, range(11, 21))
+    assert_same_state(ep2, ep1, "global_step20")
+    # And back: ep 1's step-15 save split over 2 expert-parallel ranks again (global expert ids -> local).
+    back = copy_at(ep1, tmp_path / "back", 15)
+    p = run(args(back, 2, "--load", back), ranks=2)
+    assert "from dp 2, tp 1, ep 1, ZeRO stage 1/2 to dp 2, tp 1, ep 2, ZeRO stage 1/2" in p.stdout
+    assert_follows(ep2, back, range(16, 21))
+    assert_same_state(ep2, back, "global_step20")
+
+    # --to fp32 of the ep 2 checkpoint: every expert under its global id, equal to the saved weights.
+    from safetensors.torch import load_file
+
+    from megatron_lite.checkpoint.load import load_full_state_dict
+    from megatron_lite.model.gpt import GPT
+
+    convert_to_fp32(ep2, tmp_path / "fp32")
+    weights = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    config, saved = load_full_state_dict(ep2)
+    assert sorted(weights) == sorted(saved) == sorted(GPT(config).state_dict())
+    assert all(torch.equal(weights[k], saved[k]) for k in saved)
+    assert ModelConfig.load(tmp_path / "fp32") == config
+
+
+def test_muon_dp1_to_dp2_and_universal_copy(data, tmp_path):
+    """Muon keeps the full momentum of each matrix on every rank whose ZeRO partition holds part of it."""
+    one = tmp_path / "dp1"  # 8 steps (4 + 4): Newton-Schulz makes Muon's CPU steps the slow ones here
+    run(pretrain_args(data, one, 8, "--micro-batch-size", 2, "--grad-accum", 2, "--optimizer", "muon",
+                      "--save-interval", 4))
+    two = copy_at(one, tmp_path / "dp2", 4)
+    p = run(pretrain_args(data, two, 8, "--micro-batch-size", 2, "--optimizer", "muon", "--load", two), ranks=2)
+    assert "from dp 1, tp 1, ep 1, ZeRO stage 1/2 to dp 2, tp 1, ep 1, ZeRO stage 1/2" in p.stdout
+    assert_follows(one, two, range(5, 9))
+    assert_same_state(one, two, "global_step8")
+    state = read_training_state(one / "global_step8", ModelConfig.load(one))
+    assert sorted(state.moments) == ["exp_avg", "exp_avg_sq", "momentum_buffer"]
+    assert "layers.0.self_attn.q_proj.weight" in state.moments["momentum_buffer"]  # a matrix: Muon's
+    assert "layers.0.input_layernorm.weight" in state.moments["exp_avg"]  # a norm: the AdamW side's
+
+    # Its universal copy holds the same state, Muon's momentum included.
+    uni = tmp_path / "universal"
+    convert_to_universal(two, uni)
+    assert (uni / "global_step8" / "momentum_buffer.safetensors").is_file()
+    assert_same_state(two, uni, "global_step8")
