@@ -31,6 +31,7 @@ from megatron_lite.training import dpo
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, lm_objective, train
 from megatron_lite.training.lora import (add_lora_args, apply_lora, prepare_lora, restore_frozen_base,
                                         write_lora_record)
+from megatron_lite.training.memory import check_memory_fits
 from megatron_lite.training.monitor import Monitor
 from megatron_lite.training.rank_agreement import agree_at_start, launched_with_peers
 from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
@@ -303,6 +304,7 @@ def preflight(kind: str, a):
     ref_config = dpo.check_dpo_args(a, config) if kind == "dpo" else None
     lora = prepare_lora(a, config) if kind == "sft" else None  # --lora-*: checked against --pretrained, --load, --save
     dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
+    check_memory_fits(config, dims, ds_config, on_gpu=torch.cuda.is_available())
     check_data(kind, a.data_path, len(tokenizer))
     if a.save:
         check_save_space(a.save, config, ds_config)
