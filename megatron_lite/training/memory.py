@@ -55,7 +55,7 @@ def available_bytes(on_gpu: bool) -> int | None:
     if on_gpu:
         import torch
 
-        return torch.cuda.mem_get_info()[0]
+        return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0]  # this rank's GPU, not GPU 0
     try:
         with open("/proc/meminfo") as f:
             kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
