@@ -134,6 +134,58 @@ def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
     assert not (tmp_path / "again" / "latest").exists() and not list((tmp_path / "again").glob("tmp-*"))
 
 
+# bf16 vs fp32 over the first 10 steps, relative to the loss: bf16's unit round-off (2^-9). The weights and
+# activations are rounded to 8 significant bits, but the loss is a mean over every token of fp32 cross entropy,
+# where the per-value errors largely cancel, so a correct bf16 run stays well inside one bf16 rounding of the
+# fp32 loss, while a wrong one (bad master weights, no update, a lost gradient) moves it by far more.
+BF16_VS_FP32 = 2.0 ** -9
+
+
+def test_bf16_zero2_resumes_exactly_tracks_fp32_and_exports_to_hf(dense, data, tmp_path):
+    """bf16 (ZeRO-2, 2 CPU ranks): DeepSpeed's bf16 names its shards bf16_zero_pp_rank_*; the same layout resumes
+    through its own loader with identical losses, the losses stay near the fp32 run's, and the HF export holds
+    the bf16 weights the run computed with (its fp32 master weights rounded to bf16)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_lite.checkpoint.load import load_full_state_dict, model_from_state_dict
+
+    cfg = tmp_path / "bf16.json"
+    zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    cfg.write_text(json.dumps({**zero2, "bf16": {"enabled": True}}))
+    bf16 = tmp_path / "bf16"
+    run(pretrain_args(data, bf16, 20, "--micro-batch-size", 2, "--save-interval", 10, "--deepspeed", cfg), ranks=2)
+    assert sorted(f.name for f in (bf16 / "global_step10").glob("*optim_states.pt")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    resumed = copy_at(bf16, tmp_path / "resumed", 10)
+    p = run(pretrain_args(data, resumed, 20, "--micro-batch-size", 2, "--deepspeed", cfg, "--load", resumed), ranks=2)
+    assert "resharding" not in p.stdout
+    a, b = losses(bf16), losses(resumed)
+    assert sorted(b) == list(range(11, 21)) and all(a[s] == b[s] for s in b), [(s, a[s], b[s]) for s in b]
+    fp32 = losses(dense)
+    assert max(abs(a[s] - fp32[s]) / fp32[s] for s in range(1, 11)) < BF16_VS_FP32, [(s, a[s], fp32[s]) for s in a]
+    assert fp32[1] - fp32[10] > 0.5 and a[1] - a[10] > 0.5  # both train: the bound above is not vacuous
+
+    # The export: the module's bf16 weights, which are the fp32 masters (ZeRO shards) rounded to bf16.
+    config, weights = load_full_state_dict(bf16)
+    masters = read_training_state(bf16 / "global_step20", config).params
+    assert sorted(weights) == sorted(masters) and all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert all(torch.equal(weights[k], masters[k].to(torch.bfloat16)) for k in weights)
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_to_hf
+
+    convert_to_hf.main(["--load", str(bf16), "--output", str(tmp_path / "hf")])
+    ids = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):  # same weights, computed in fp32, then in bf16 on both sides
+        ours = model_from_state_dict(config, weights, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=dtype).eval()
+        assert hf.dtype == dtype
+        with torch.no_grad():
+            x, y = ours(ids).logits.float(), hf(ids).logits.float()
+        # fp32: round-off only; bf16: two bf16 roundings (2^-8 each) of the largest logit
+        tol = 1e-4 if dtype == torch.float32 else 2 * 2.0 ** -8 * x.abs().max().item()
+        assert x.std() > 0.5 and (x - y).abs().max().item() < tol, (dtype, (x - y).abs().max().item())
+
+
 def test_tp2_to_tp1(data, tmp_path):
     tp2 = tmp_path / "tp2"
     run(pretrain_args(data, tp2, 20, "--micro-batch-size", 2, "--grad-accum", 2, "--tp", 2, "--save-interval", 10),
