@@ -9,7 +9,8 @@
             L counts MoE layers (= decoder layer here), E is the *global* expert id, so the files look the
             same whatever the expert-parallel size of the run that wrote them.
         zero_pp_rank_{R}_mp_rank_{tp:02d}_optim_states.pt        ZeRO optimizer shard of data-parallel rank R
-            (MoE: the expert parameter groups too, partitioned over the expert-data-parallel group)
+            (MoE: the expert parameter groups too, partitioned over the expert-data-parallel group); named
+            bf16_zero_pp_rank_... by bf16 runs
     CKPT/<tag>/ of a universal copy (tools/convert_checkpoint.py; checkpoint/universal.py)
         universal.json, fp32.safetensors, exp_avg.safetensors, exp_avg_sq.safetensors, state.pt
     CKPT/model_config.json           ModelConfig (vocab_size padded from the tokenizer)
@@ -47,7 +48,8 @@ LATEST = "latest"
 TMP_PREFIX = "tmp-"
 MODEL_STATES_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 EXPERT_STATES_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-ZERO_SHARD_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # dp rank, tp rank
+# dp rank, tp rank; DeepSpeed prefixes the name with `bf16_` when the run trains in bf16 (same contents)
+ZERO_SHARD_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 # A DeepSpeed-MoE expert weight in a full state dict: decoder layer, global (or local) expert id, parameter.
 EXPERT_KEY = re.compile(r"^layers\.(?P<layer>\d+)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\."
                         r"(?P<expert>\d+)\.(?P<param>.+)$")
@@ -59,6 +61,13 @@ def step_tag(iteration: int) -> str:
 
 def model_states_file(tp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def zero_shard_path(tag_dir: Path, dp_rank: int, tp_rank: int) -> Path:
+    """Data-parallel rank `dp_rank`'s ZeRO optimizer shard in `tag_dir` (the bf16 name when that one is there)."""
+    name = f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+    bf16 = Path(tag_dir) / f"bf16_{name}"
+    return bf16 if bf16.is_file() else Path(tag_dir) / name
 
 
 def expert_states_file(layer: int, expert: int, tp_rank: int = 0) -> str:

@@ -36,7 +36,7 @@ import torch
 
 from megatron_lite.checkpoint.layout import (EXPERT_KEY, EXPERT_STATES_FILE, MODEL_STATES_FILE, TMP_PREFIX,
                                              ZERO_SHARD_FILE, expert_key, fsync_path, fsync_tree, load_weights_only,
-                                             model_states_file)
+                                             model_states_file, zero_shard_path)
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
@@ -102,7 +102,7 @@ def saved_layout(tag_dir: Path) -> Layout:
 
 
 def _zero_file(tag_dir: Path, dp_rank: int, tp_rank: int, mmap: bool = False) -> dict:
-    path = tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+    path = zero_shard_path(tag_dir, dp_rank, tp_rank)
     sd = load_weights_only(path, mmap=mmap)
     if not isinstance(sd, dict) or "optimizer_state_dict" not in sd:
         raise UserError(f"{path} holds no DeepSpeed ZeRO optimizer state")
