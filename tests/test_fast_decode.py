@@ -72,11 +72,19 @@ def test_all_experts_moe_equals_sparse_dispatch():
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_compiled_decoder_gives_the_plain_tokens(moe):
+    from torch._dynamo.utils import counters
     plain, model = plain_and_fast(moe, seed=5)
     want = generate(plain, TOK, PROMPTS[:2], max_new_tokens=10, greedy=True, stop_at_eos=False)
     compile_decoder(model)
+    graphs = counters["stats"]["unique_graphs"]
     got = generate(model, TOK, PROMPTS[:2], max_new_tokens=10, greedy=True, stop_at_eos=False)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    # a longer generation (a cache of 2 blocks instead of 1) and another prompt length reuse that graph
+    want = generate(plain, TOK, PROMPTS[2:], max_new_tokens=80, greedy=True, stop_at_eos=False)
+    got = generate(model, TOK, PROMPTS[2:], max_new_tokens=80, greedy=True, stop_at_eos=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_the_model_files_know_nothing_of_the_fast_path():
@@ -89,7 +97,7 @@ def test_the_model_files_know_nothing_of_the_fast_path():
             assert word not in text, f"{path.name} mentions {word!r}"
 
 
-def test_inference_loading_picks_the_fast_path(tmp_path):
+def test_inference_loading_picks_the_fast_path(tmp_path, monkeypatch):
     from megatron_lite.inference.cli import add_model_args, load_for_inference
     ckpt, _, _ = make_checkpoint(tmp_path / "ckpt")
     ap = argparse.ArgumentParser()
@@ -97,5 +105,6 @@ def test_inference_loading_picks_the_fast_path(tmp_path):
     eager, _ = load_for_inference(ap.parse_args(["--load", str(ckpt)]))
     assert fast_decode.compiled_decoder_of(eager) is None
     assert type(eager.layers[0].self_attn) is FusedQKVAttention
+    monkeypatch.setattr(fast_decode.torch, "compile", lambda module, **kw: module)  # the wiring, not inductor
     fast, _ = load_for_inference(ap.parse_args(["--load", str(ckpt), "--compile"]))
-    assert fast_decode.compiled_decoder_of(fast) is not None  # torch.compile is lazy: it compiles on first use
+    assert fast_decode.compiled_decoder_of(fast).warmed_up == {1}  # compiled at load, not in the first reply
