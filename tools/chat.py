@@ -3,6 +3,9 @@
 
     python tools/chat.py --load CKPT|HFDIR [--system TEXT] [--temperature 0.7 --top-p 0.9] [--max-new-tokens N]
 
+On CPU the decode step is compiled once before the first prompt (a minute or more on 2 cores); --no-compile
+starts at once and decodes eagerly.
+
 Commands at the prompt: /clear forgets the conversation, /exit (or Ctrl-D) quits.
 """
 import argparse

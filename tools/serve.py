@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Serve a model over an OpenAI-compatible HTTP API.
 
-    python tools/serve.py --load CKPT|HFDIR [--host 127.0.0.1] [--port 8000]
+    python tools/serve.py --load CKPT|HFDIR [--host 127.0.0.1] [--port 8000] [--no-compile]
+
+On CPU the decode step is compiled once at start-up (a minute or more on 2 cores) before the port opens;
+--no-compile serves at once, decoding eagerly (about half the speed).
 
 Endpoints: POST /v1/chat/completions (stream: true for SSE), POST /v1/completions, GET /v1/models.
 Try it:  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
