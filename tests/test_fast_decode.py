@@ -6,9 +6,9 @@ import torch
 
 from inference_utils import make_checkpoint, make_tokenizer, tiny_config, tiny_model
 from megatron_lite.inference import fast_decode
-from megatron_lite.inference.fast_decode import (CompiledDecoder, DecodeStep, FusedQKVAttention, FusedSwiGLU,
-                                                 all_experts_moe, compile_decoder, single_query_attention,
-                                                 use_decode_layout)
+from megatron_lite.inference.fast_decode import (CompiledDecoder, DecodeMoE, DecodeStep, FusedQKVAttention,
+                                                 FusedSwiGLU, all_experts_moe, compile_decoder,
+                                                 single_query_attention, use_decode_layout)
 from megatron_lite.inference.generate import generate
 
 TOK = make_tokenizer()
@@ -28,6 +28,13 @@ def test_decode_layout_keeps_names_values_and_logits(moe):
     assert list(got_sd) == list(want_sd) and all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
     assert all(type(layer.self_attn) is FusedQKVAttention for layer in fast.layers)
     assert moe or all(type(layer.mlp) is FusedSwiGLU for layer in fast.layers)
+    assert not moe or all(type(layer.mlp) is DecodeMoE for layer in fast.layers)
+    if moe:  # the eval forward's expert mix (its experts' GEMMs on the decode layout), without the balancing loss
+        x = torch.randn(2, 5, plain.config.hidden_size)
+        with torch.no_grad():
+            want, got = plain.layers[0].mlp(x), fast.layers[0].mlp(x)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+        assert got[1] is None and want[1] is not None
     assert not fast.embed_tokens.weight.is_contiguous()  # column-major, read as the "NN" GEMM
     for T in (1, 7, 40):  # decode-sized inputs take the fused GEMMs, longer ones the separate projections
         ids = torch.randint(3, 300, (1, T))

@@ -8,6 +8,7 @@ plus many tiny element-wise ops. Two swap-ins attack those costs:
   nn.Linear's row-major default gets; q/k/v (and SwiGLU gate/up) become column blocks of one matrix, so a
   decode-sized input runs one larger GEMM instead of three (two). Attention and SwiGLU modules change class
   to subclasses that only override the projection; parameters, their values and state-dict names stay.
+  MoE layers skip the router's balancing loss (`DecodeMoE`), which generation never reads.
 * `compile_decoder(model)`: every decode step becomes one `torch.compile`d graph (`DecodeStep`) over a static
   cache (`StaticKVCache`): the cache length is the graph's one dynamic dimension, so there is one graph per
   batch size, whatever the prompt and reply lengths (`warm_up` compiles it ahead of the first request; a
@@ -62,6 +63,19 @@ class FusedSwiGLU(SwiGLU):
         return self.down_proj(F.silu(gate) * up)
 
 
+class DecodeMoE(MoEFeedForward):
+    """MoE layer for generation: the eval forward's expert outputs, without the router's balancing loss, which
+    only training reads and which costs a dozen small ops per layer and step."""
+
+    def forward(self, x: torch.Tensor):
+        if self.training or self.moe.ep_size != 1:
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])  # (S, C)
+        _, chosen, weights = self.gate.route(flat)
+        out = self.mix_experts(flat, chosen, weights, chosen.unique().tolist())  # unique: sorted, as eval's
+        return out.to(x.dtype).view_as(x), None, None  # no aux loss: the model then reports no expert counts
+
+
 def use_decode_layout(model: nn.Module) -> nn.Module:
     """Lay a CPU model's weights out for decoding (in place; values and names unchanged). Returns the model."""
     if next(model.parameters()).device.type != "cpu":
@@ -71,6 +85,8 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
             module.__class__, module.qkv_t = FusedQKVAttention, fused
         elif type(module) is SwiGLU and (fused := _fuse_columns(module.gate_proj, module.up_proj)) is not None:
             module.__class__, module.gate_up_t = FusedSwiGLU, fused
+        elif type(module) is MoEFeedForward:
+            module.__class__ = DecodeMoE
     for param in model.parameters():
         if param.dim() == 2 and param.is_contiguous():
             param.data = param.data.t().contiguous().t()
