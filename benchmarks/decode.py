@@ -15,6 +15,11 @@ inductor fixes a kernel's thread count when it compiles it. Runs are interleaved
 a collection of the other side's garbage would land on whichever run it interrupts). Reported: tok/s from
 the median round, and the speedup as the median over rounds of the paired ratio, by wall clock and by process
 CPU time (the latter robust to other jobs on a shared machine). Results go to benchmarks/results/decode.json.
+
+As users run it (benchmarks/decode_processes.py): --server measures a warm `tools/serve.py` with default
+flags (compiled at start-up) through the `openai` client against HF `generate` in a loop; --one-shot measures
+whole `tools/generate.py --greedy` processes (eager) against a one-shot HF script. --processes-only skips the
+in-process measurements.
 """
 import argparse
 import contextlib
@@ -26,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,6 +54,16 @@ def parse_args(argv=None):
                     help="torch intra-op thread counts to measure, each against HF at the same count (default: 1 "
                          "and every core; one thread is the per-core comparison, immune to a busy second core)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled-decoder variant")
+    ap.add_argument("--server", action="store_true",
+                    help="also measure tools/serve.py (default flags) via the openai client vs HF generate in a loop")
+    ap.add_argument("--one-shot", action="store_true",
+                    help="also measure whole tools/generate.py processes (eager) vs a one-shot HF generate script")
+    ap.add_argument("--processes-only", action="store_true",
+                    help="with --server/--one-shot: skip the in-process measurements")
+    ap.add_argument("--process-threads", type=int, default=os.cpu_count() or 1,
+                    help="threads of the server / one-shot processes and of HF beside them (default: every core)")
+    ap.add_argument("--process-new-tokens", type=int, default=128,
+                    help="tokens per request for --server / --one-shot")
     ap.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                      "decode.json"), help="JSON results file")
     return ap.parse_args(argv)
@@ -160,7 +176,7 @@ def main(argv=None):
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "runs": []}
         rows = []
         n = args.new_tokens
-        for threads in results["threads"]:
+        for threads in ([] if args.processes_only else results["threads"]):
             torch.set_num_threads(threads)
             sides = {"ours": run_ours}
             if not args.no_compile:
@@ -201,11 +217,40 @@ def main(argv=None):
                     rows += table_rows(label, side, o, h, speedup)
                 print(f"{threads} thread(s), batch {B}: identical greedy tokens: {row['same_tokens']}", flush=True)
                 results["runs"].append(row)
+        if args.server or args.one_shot:
+            rows += measure_processes(args, config, ours.state_dict(), hf, results)
         results["rows"] = rows
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.output}")
+
+
+def measure_processes(args, config, state_dict, hf, results) -> list[dict]:
+    """--server / --one-shot: results["server"], results["one_shot"] and their results.md rows."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import row
+    from benchmarks.decode_processes import make_folders, measure_one_shot, measure_server
+
+    rows, threads, n = [], args.process_threads, args.process_new_tokens
+    plural = "s" if threads > 1 else ""
+    with tempfile.TemporaryDirectory() as d:
+        ckpt, hf_dir = make_folders(Path(d), config, state_dict)
+        if args.server:
+            tok = AutoTokenizer.from_pretrained(str(hf_dir))
+            s = results["server"] = measure_server(ckpt, hf, tok, threads, n, args.repeats, print)
+            rows.append(row(f"decode {args.model} (batch 1, {threads} thread{plural}): tools/serve.py (default flags, "
+                            f"warm) via openai client vs HF generate in a loop", s["server_tok_s"], s["hf_tok_s"],
+                            "tok/s", ratio=s["speedup"]["median"], target=2.0,
+                            note=f"paired ratio per round {s['speedup']['min']}-{s['speedup']['max']}"))
+        if args.one_shot:
+            o = results["one_shot"] = measure_one_shot(ckpt, hf_dir, threads, n, args.repeats, print)
+            rows.append(row(f"decode {args.model} (batch 1, {threads} thread{plural}): one-shot tools/generate.py "
+                            f"(eager) vs one-shot HF generate, whole processes", o["ours_tok_s"], o["hf_tok_s"],
+                            "tok/s", ratio=o["speedup"]["median"], target=1.1,
+                            note=f"paired ratio per round {o['speedup']['min']}-{o['speedup']['max']}"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -17,9 +17,14 @@ from megatron_lite.model.gpt import GPT
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_lite", "app", "chat_app.py")
 
 
-def start_app(monkeypatch, load=""):
+def start_app(monkeypatch, load="", compiled="0"):
     st.cache_resource.clear()  # no model left over from another test
     monkeypatch.setenv("MEGATRON_LITE_LOAD", str(load))
+    # eager unless a test asks: a compile takes a minute on 2 cores (the compiled path: test_fast_decode.py)
+    if compiled is None:
+        monkeypatch.delenv("MEGATRON_LITE_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("MEGATRON_LITE_COMPILE", compiled)
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert not at.exception
     return at
@@ -106,7 +111,8 @@ def test_bad_paths_one_line_without_flags(tmp_path, monkeypatch):
 
 def test_one_model_cached(tmp_path, monkeypatch):
     """Switching dtype (or path) replaces the cached model instead of keeping every one loaded."""
-    before = [o for o in gc.get_objects() if isinstance(o, GPT)]
+    # type(), not isinstance(): torch.compile leaves weak proxies in gc's list, and isinstance() on a dead one raises
+    before = [o for o in gc.get_objects() if type(o) is GPT]
     ckpt, _, _ = make_checkpoint(tmp_path / "ckpt")
     at = start_app(monkeypatch, ckpt)
     for dtype in ("bfloat16", "float16"):
@@ -114,5 +120,12 @@ def test_one_model_cached(tmp_path, monkeypatch):
         assert not at.exception and not at.error
         assert at.main.caption[0].value.endswith(f"cpu {dtype}")
     gc.collect()
-    live = [o for o in gc.get_objects() if isinstance(o, GPT) and not any(o is b for b in before)]
+    live = [o for o in gc.get_objects() if type(o) is GPT and not any(o is b for b in before)]
     assert len(live) == 1 and next(live[0].parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("env,expected", [(None, True), ("0", False)])
+def test_compiled_decoding_toggle_defaults_on_for_cpu(monkeypatch, env, expected):
+    at = start_app(monkeypatch, "", compiled=env)  # no model loaded: nothing compiles here
+    (toggle,) = at.sidebar.toggle
+    assert toggle.label == "Compiled decoding" and toggle.value is expected and "CPU" in toggle.help

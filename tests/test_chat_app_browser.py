@@ -31,7 +31,8 @@ def server(tmp_path_factory):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "megatron_lite/app/chat_app.py", "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--", "--load", str(ckpt)],
+         "--server.address", "127.0.0.1", "--server.port", str(port), "--", "--load", str(ckpt),
+         "--no-compile"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

@@ -6,9 +6,9 @@ import torch
 
 from inference_utils import make_checkpoint, make_tokenizer, tiny_config, tiny_model
 from megatron_lite.inference import fast_decode
-from megatron_lite.inference.fast_decode import (CompiledDecoder, DecodeStep, FusedQKVAttention, FusedSwiGLU,
-                                                 all_experts_moe, compile_decoder, single_query_attention,
-                                                 use_decode_layout)
+from megatron_lite.inference.fast_decode import (CompiledDecoder, DecodeMoE, DecodeStep, FusedQKVAttention,
+                                                 FusedSwiGLU, all_experts_moe, compile_decoder,
+                                                 single_query_attention, use_decode_layout)
 from megatron_lite.inference.generate import generate
 
 TOK = make_tokenizer()
@@ -28,6 +28,13 @@ def test_decode_layout_keeps_names_values_and_logits(moe):
     assert list(got_sd) == list(want_sd) and all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
     assert all(type(layer.self_attn) is FusedQKVAttention for layer in fast.layers)
     assert moe or all(type(layer.mlp) is FusedSwiGLU for layer in fast.layers)
+    assert not moe or all(type(layer.mlp) is DecodeMoE for layer in fast.layers)
+    if moe:  # the eval forward's expert mix (its experts' GEMMs on the decode layout), without the balancing loss
+        x = torch.randn(2, 5, plain.config.hidden_size)
+        with torch.no_grad():
+            want, got = plain.layers[0].mlp(x), fast.layers[0].mlp(x)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+        assert got[1] is None and want[1] is not None
     assert not fast.embed_tokens.weight.is_contiguous()  # column-major, read as the "NN" GEMM
     for T in (1, 7, 40):  # decode-sized inputs take the fused GEMMs, longer ones the separate projections
         ids = torch.randint(3, 300, (1, T))
@@ -72,11 +79,19 @@ def test_all_experts_moe_equals_sparse_dispatch():
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_compiled_decoder_gives_the_plain_tokens(moe):
+    from torch._dynamo.utils import counters
     plain, model = plain_and_fast(moe, seed=5)
     want = generate(plain, TOK, PROMPTS[:2], max_new_tokens=10, greedy=True, stop_at_eos=False)
     compile_decoder(model)
+    graphs = counters["stats"]["unique_graphs"]
     got = generate(model, TOK, PROMPTS[:2], max_new_tokens=10, greedy=True, stop_at_eos=False)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    # a longer generation (a cache of 2 blocks instead of 1) and another prompt length reuse that graph
+    want = generate(plain, TOK, PROMPTS[2:], max_new_tokens=80, greedy=True, stop_at_eos=False)
+    got = generate(model, TOK, PROMPTS[2:], max_new_tokens=80, greedy=True, stop_at_eos=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_the_model_files_know_nothing_of_the_fast_path():
@@ -89,7 +104,7 @@ def test_the_model_files_know_nothing_of_the_fast_path():
             assert word not in text, f"{path.name} mentions {word!r}"
 
 
-def test_inference_loading_picks_the_fast_path(tmp_path):
+def test_inference_loading_picks_the_fast_path(tmp_path, monkeypatch):
     from megatron_lite.inference.cli import add_model_args, load_for_inference
     ckpt, _, _ = make_checkpoint(tmp_path / "ckpt")
     ap = argparse.ArgumentParser()
@@ -97,5 +112,6 @@ def test_inference_loading_picks_the_fast_path(tmp_path):
     eager, _ = load_for_inference(ap.parse_args(["--load", str(ckpt)]))
     assert fast_decode.compiled_decoder_of(eager) is None
     assert type(eager.layers[0].self_attn) is FusedQKVAttention
+    monkeypatch.setattr(fast_decode.torch, "compile", lambda module, **kw: module)  # the wiring, not inductor
     fast, _ = load_for_inference(ap.parse_args(["--load", str(ckpt), "--compile"]))
-    assert fast_decode.compiled_decoder_of(fast) is not None  # torch.compile is lazy: it compiles on first use
+    assert fast_decode.compiled_decoder_of(fast).warmed_up == {1}  # compiled at load, not in the first reply

@@ -696,7 +696,8 @@ def test_server_soak_mixed_requests(tmp_path):
     log = tmp_path / "serve.log"
     srv = subprocess.Popen(command("tools/serve.py", ["--load", tmp_path / "ckpt", "--port", port,
                                                       "--max-tokens-limit", 8, "--max-body-bytes", 16384,
-                                                      "--max-prompt-tokens", 64, "--log-level", "warning"]),
+                                                      "--max-prompt-tokens", 64, "--log-level", "warning",
+                                                      "--no-compile"]),  # compiled default: test_server.py
                            cwd=REPO, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         def up():

@@ -1,28 +1,37 @@
-"""OpenAI-compatible server driven by the official `openai` client, plus bad requests and concurrency."""
+"""OpenAI-compatible server driven by the official `openai` client, plus bad requests and concurrency.
+
+The server holds the model as `tools/serve.py --load CKPT` prepares it with default flags (on CPU: the decode
+step compiled and warmed up at start-up), and its greedy tokens must be the plain eager model's."""
 import json
+import os
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
-from inference_utils import make_tokenizer, tiny_config, tiny_model
+from inference_utils import make_checkpoint
 from megatron_lite.inference.chat import chat
+from megatron_lite.inference.cli import load_for_inference
+from megatron_lite.inference.fast_decode import compiled_decoder_of
 from megatron_lite.inference.generate import generate
 from megatron_lite.inference.server import Limits, create_app
 from megatron_lite.parallel import free_port
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello world"}]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    import serve as serve_tool
     import uvicorn
 
-    torch.manual_seed(0)
-    model, tok = tiny_model(tiny_config(moe=True), seed=5), make_tokenizer()
+    ckpt, plain, _ = make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", moe=True, seed=5)
+    model, tok = load_for_inference(serve_tool.build_parser().parse_args(["--load", str(ckpt)]))
+    assert compiled_decoder_of(model).warmed_up == {1}  # compiled before the port opens
     app = create_app(model, tok, "tiny-moe", Limits(max_tokens=64, default_max_tokens=16, max_body_bytes=4096))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -32,7 +41,7 @@ def server():
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{port}", model, tok
+    yield f"http://127.0.0.1:{port}", plain, tok  # the reference: the plain model, eager
     srv.should_exit = True
     t.join(10)
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Serve a model over an OpenAI-compatible HTTP API.
 
-    python tools/serve.py --load CKPT|HFDIR [--host 127.0.0.1] [--port 8000]
+    python tools/serve.py --load CKPT|HFDIR [--host 127.0.0.1] [--port 8000] [--no-compile]
+
+On CPU the decode step is compiled once at start-up (a minute or more on 2 cores) before the port opens;
+--no-compile serves at once, decoding eagerly (about half the speed).
 
 Endpoints: POST /v1/chat/completions (stream: true for SSE), POST /v1/completions, GET /v1/models.
 Try it:  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -19,9 +22,9 @@ from megatron_lite.errors import exit_on_user_error  # noqa: E402
 from megatron_lite.inference.cli import add_model_args, run_server  # noqa: E402
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
+    add_model_args(ap, long_lived=True)
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     ap.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
@@ -37,7 +40,11 @@ def main(argv=None):
     ap.add_argument("--max-concurrency", type=int, default=64, help="open connections before 503s")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn log level")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     with exit_on_user_error("serve"):
         run_server(args)
 

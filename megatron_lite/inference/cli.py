@@ -21,26 +21,52 @@ def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 128, te
     ap.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
-def add_model_args(ap: argparse.ArgumentParser):
+def add_model_args(ap: argparse.ArgumentParser, long_lived: bool = False):
+    """--load/--tag/--device/--dtype and --compile/--no-compile. `long_lived` (chat, server): compiled
+    decoding is the default on CPU, paid once at start-up; a one-shot generation defaults to eager, since
+    the compile takes longer than it saves on one reply."""
     ap.add_argument("--load", required=True, help="megatron_lite checkpoint folder or HF Llama/Mixtral folder")
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: CKPT/latest)")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="compute dtype (default float32; use bfloat16 on GPU)")
-    ap.add_argument("--compile", action="store_true",
-                    help="run each decode step as one torch.compile'd graph: faster steady-state decoding "
-                         "(benchmarks/results.md) after a one-off compile per batch size and cache bucket, "
-                         "which is slow on CPU")
+    what = ("run each decode step as one torch.compile'd graph: about 2x faster decoding on CPU "
+            "(benchmarks/results.md), after a one-off compile (a minute or more on a 2-core CPU)")
+    if long_lived:
+        ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{what}, done once at start-up with a warm-up before the first request. Default: "
+                             "on for --device cpu, off on GPUs (the compiled step is tuned for CPUs); "
+                             "--no-compile starts at once and decodes eagerly")
+    else:
+        ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help=f"{what}. Default off: for one generation the compile costs more than it saves")
+
+
+def wants_compile(args) -> bool:
+    """The --compile choice, with its default resolved: compiled on CPU, eager elsewhere."""
+    if args.compile is not None:
+        return args.compile
+    import torch
+    return torch.device(args.device).type == "cpu"
 
 
 def load_for_inference(args):
-    """(model, tokenizer) from the --load/--tag/--device/--dtype/--compile flags of add_model_args."""
+    """(model, tokenizer) from the --load/--tag/--device/--dtype/--compile flags of add_model_args; a
+    compiled model has its batch-1 step compiled before this returns (a progress line on stderr)."""
+    import time
+
     from megatron_lite.inference.fast_decode import compile_decoder, use_decode_layout
     from megatron_lite.inference.loading import load_model
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; keep stdout clean
         model, tokenizer = load_model(args.load, args.device, args.dtype, tag=args.tag)
-    return (compile_decoder(model) if args.compile else use_decode_layout(model)), tokenizer
+    if not wants_compile(args):
+        return use_decode_layout(model), tokenizer
+    print("compiling the decode step (once; --no-compile skips it)...", end=" ", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    compile_decoder(model).compiled_decoder.warm_up(batch_size=1)
+    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return model, tokenizer
 
 
 def sampling_params(args):
@@ -52,8 +78,9 @@ def sampling_params(args):
 
 def run_generate(args):
     """tools/generate.py: print the completion of --prompt (as it is generated with --stream)."""
-    from megatron_lite.inference.chat import build_prompt, prompt_budget
-    from megatron_lite.inference.generate import stream
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger binds stdout on import: only the text there
+        from megatron_lite.inference.chat import build_prompt, prompt_budget
+        from megatron_lite.inference.generate import stream
 
     params = sampling_params(args)
     model, tokenizer = load_for_inference(args)
@@ -70,7 +97,8 @@ def run_generate(args):
 
 def run_chat(args):
     """tools/chat.py: a multi-turn chat at the terminal; /clear forgets the conversation, /exit quits."""
-    from megatron_lite.inference.chat import stream_chat
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger binds stdout on import: replies only there
+        from megatron_lite.inference.chat import stream_chat
 
     params = sampling_params(args)
     model, tokenizer = load_for_inference(args)

@@ -8,9 +8,11 @@ plus many tiny element-wise ops. Two swap-ins attack those costs:
   nn.Linear's row-major default gets; q/k/v (and SwiGLU gate/up) become column blocks of one matrix, so a
   decode-sized input runs one larger GEMM instead of three (two). Attention and SwiGLU modules change class
   to subclasses that only override the projection; parameters, their values and state-dict names stay.
+  MoE layers skip the router's balancing loss (`DecodeMoE`), which generation never reads.
 * `compile_decoder(model)`: every decode step becomes one `torch.compile`d graph (`DecodeStep`) over a static
-  cache (`StaticKVCache`): shapes depend only on the batch size and the cache length, which is rounded up to a
-  power of two, so a server compiles a few graphs per batch size, never one per prompt length. Inside it the
+  cache (`StaticKVCache`): the cache length is the graph's one dynamic dimension, so there is one graph per
+  batch size, whatever the prompt and reply lengths (`warm_up` compiles it ahead of the first request; a
+  compile takes a minute or more on a 2-core CPU, far too long to pay inside a request). Inside it the
   single query attends by broadcast multiply + sum (fused by inductor with the masked softmax), RoPE comes
   from a table, MoE layers run every expert with the unchosen ones weighted 0 (static shapes), and the
   greedy argmax is computed in the graph.
@@ -33,6 +35,8 @@ from megatron_lite.model.moe import MoEFeedForward
 # Fused projections pay off while a step reads weights more than it computes; on long prefills the strided
 # q/k/v (gate/up) slices they produce slow the element-wise ops down more than that.
 FUSED_MAX_ROWS = 32
+# The compiled step's cache holds whole blocks of this many positions.
+CACHE_BLOCK = 64
 
 
 # ---------------------------------------------------------------- weight layout (eager and compiled)
@@ -59,6 +63,19 @@ class FusedSwiGLU(SwiGLU):
         return self.down_proj(F.silu(gate) * up)
 
 
+class DecodeMoE(MoEFeedForward):
+    """MoE layer for generation: the eval forward's expert outputs, without the router's balancing loss, which
+    only training reads and which costs a dozen small ops per layer and step."""
+
+    def forward(self, x: torch.Tensor):
+        if self.training or self.moe.ep_size != 1:
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])  # (S, C)
+        _, chosen, weights = self.gate.route(flat)
+        out = self.mix_experts(flat, chosen, weights, chosen.unique().tolist())  # unique: sorted, as eval's
+        return out.to(x.dtype).view_as(x), None, None  # no aux loss: the model then reports no expert counts
+
+
 def use_decode_layout(model: nn.Module) -> nn.Module:
     """Lay a CPU model's weights out for decoding (in place; values and names unchanged). Returns the model."""
     if next(model.parameters()).device.type != "cpu":
@@ -68,6 +85,8 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
             module.__class__, module.qkv_t = FusedQKVAttention, fused
         elif type(module) is SwiGLU and (fused := _fuse_columns(module.gate_proj, module.up_proj)) is not None:
             module.__class__, module.gate_up_t = FusedSwiGLU, fused
+        elif type(module) is MoEFeedForward:
+            module.__class__ = DecodeMoE
     for param in model.parameters():
         if param.dim() == 2 and param.is_contiguous():
             param.data = param.data.t().contiguous().t()
@@ -183,7 +202,9 @@ class DecodeStep(nn.Module):
 
 
 class CompiledDecoder:
-    """A model's compiled decode step; `compile_decoder` attaches one, the generator uses it when present."""
+    """A model's compiled decode step; `compile_decoder` attaches one, the generator uses it when present.
+
+    `warmed_up` holds the batch sizes whose graph `warm_up` compiled."""
 
     def __init__(self, model: nn.Module, **compile_kwargs):
         if getattr(model, "tp_size", 1) > 1:
@@ -194,9 +215,20 @@ class CompiledDecoder:
             compile_kwargs.setdefault("options", {"freezing": True})
         self.model = model
         self.step = torch.compile(DecodeStep(model), **compile_kwargs)
+        self.warmed_up: set[int] = set()
 
     def start(self, batch_size: int, prompt_mask: torch.Tensor, needed_len: int) -> "CompiledDecoding":
         return CompiledDecoding(self, batch_size, prompt_mask, needed_len)
+
+    @torch.inference_mode()  # the mode generation runs in: a graph compiled outside it would not be reused
+    def warm_up(self, batch_size: int = 1) -> None:
+        """Compile the step for `batch_size` rows now (one prefill and one step of a 1-token prompt)."""
+        device = self.model.embed_tokens.weight.device
+        ids = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+        decoding = self.start(batch_size, torch.ones_like(ids), needed_len=2)
+        decoding.prefill(ids, ids)
+        decoding.step(ids, ids + 1)
+        self.warmed_up.add(batch_size)
 
 
 class CompiledDecoding:
@@ -205,14 +237,20 @@ class CompiledDecoding:
     def __init__(self, decoder: CompiledDecoder, batch_size: int, prompt_mask: torch.Tensor, needed_len: int):
         model = self.model = decoder.model
         cfg, p = model.config, model.embed_tokens.weight
-        # a power-of-two cache length, so a few graphs serve every prompt length
-        cache_len = min(cfg.max_seq_len, max(64, 1 << (needed_len - 1).bit_length()))
+        # whole blocks of positions (aligned rows); the compiled graph takes any length, see below
+        cache_len = min(cfg.max_seq_len, -(-needed_len // CACHE_BLOCK) * CACHE_BLOCK)
         self.cache = StaticKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, cache_len,
                                    p.dtype, p.device)
         self.step_fn = decoder.step
         self.prompt_mask = prompt_mask
         self.allowed = torch.ones((batch_size, cache_len), dtype=torch.bool, device=p.device)
         self.allowed[:, :prompt_mask.shape[1]] = prompt_mask.bool()  # prompt padding stays hidden
+        # The cache length is a symbolic size in the compiled graph, so every generation length reuses the
+        # batch size's one graph instead of compiling another.
+        for k_t, v in zip(self.cache.k_t, self.cache.v):
+            torch._dynamo.mark_dynamic(k_t, 3)
+            torch._dynamo.mark_dynamic(v, 2)
+        torch._dynamo.mark_dynamic(self.allowed, 1)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         attn = self.prompt_mask if bool((self.prompt_mask == 0).any()) else None
@@ -229,8 +267,8 @@ class CompiledDecoding:
 def compile_decoder(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Lay the model out for decoding and attach its compiled decode step; returns the model.
 
-    torch.compile is lazy: each new (batch size, cache length) pays a compile on first use. Greedy tokens
-    equal the eager path's.
+    torch.compile is lazy: each new batch size pays a compile on first use; `model.compiled_decoder.warm_up(B)`
+    pays it ahead of time. Greedy tokens equal the eager path's.
     """
     use_decode_layout(model)
     model.compiled_decoder = CompiledDecoder(model, **compile_kwargs)

@@ -122,9 +122,15 @@ class MoEFeedForward(nn.Module):
         expert only sees its own tokens, so one decoded token runs k experts instead of all E."""
         flat = x.reshape(-1, x.shape[-1])  # (S, C)
         logits, chosen, weights = self.gate.route(flat)
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
         counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
-        for e in counts.nonzero().flatten().tolist():
+        out = self.mix_experts(flat, chosen, weights, counts.nonzero().flatten().tolist())
+        return out.to(x.dtype).view_as(x), self.gate.aux_loss(logits, chosen), counts
+
+    def mix_experts(self, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: list[int]):
+        """(S, C) tokens -> (S, C) fp32 sum of their chosen experts' outputs times the combine weights; `experts`:
+        the chosen ones, ascending (each runs on its own tokens only)."""
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        for e in experts:
             token, slot = (chosen == e).nonzero(as_tuple=True)
             out.index_add_(0, token, self.local_experts[e](flat[token]).float() * weights[token, slot, None])
-        return out.to(x.dtype).view_as(x), self.gate.aux_loss(logits, chosen), counts
+        return out
