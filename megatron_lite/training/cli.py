@@ -304,7 +304,7 @@ def preflight(kind: str, a):
     ref_config = dpo.check_dpo_args(a, config) if kind == "dpo" else None
     lora = prepare_lora(a, config) if kind == "sft" else None  # --lora-*: checked against --pretrained, --load, --save
     dims, ds_config, s = plan_parallel(a, config, raw_ds_config)
-    check_memory_fits(config, dims, ds_config, on_gpu=torch.cuda.is_available())
+    check_memory_fits(config, dims, ds_config, on_gpu=torch.cuda.is_available(), frozen_base=lora is not None)
     check_data(kind, a.data_path, len(tokenizer))
     if a.save:
         check_save_space(a.save, config, ds_config)

@@ -32,14 +32,17 @@ def expert_params(config: ModelConfig) -> int:
     return config.num_layers * config.num_experts * per_expert
 
 
-def model_state_bytes(config: ModelConfig, dims: ParallelDims, ds_config: dict) -> int:
-    """Lower bound of the bytes one rank holds for weights, gradients and optimizer state (see module doc)."""
+def model_state_bytes(config: ModelConfig, dims: ParallelDims, ds_config: dict, frozen_base: bool = False) -> int:
+    """Lower bound of the bytes one rank holds for weights, gradients and optimizer state (see module doc).
+    frozen_base (LoRA): only the weights count, the adapters' state being small and not estimated."""
     experts = expert_params(config)
     dense = config.num_params() - experts
     local = dense / dims.tp + experts / dims.ep
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     partition = dense / dims.tp / dims.dp + experts / dims.dp if stage >= 1 else local
     half = any((ds_config.get(k) or {}).get("enabled") is True for k in ("bf16", "fp16"))
+    if frozen_base:
+        return int((2 if half else 4) * local)
     muon = str((ds_config.get("optimizer") or {}).get("type", "")).lower() == "muon"
     per_partition = 4 + (4 if muon else 8) + 4  # master copy, moments, gradient (fp32)
     if half:
@@ -66,8 +69,9 @@ def available_bytes(on_gpu: bool) -> int | None:
     return kib * 1024 // max(1, local_ranks)
 
 
-def check_memory_fits(config: ModelConfig, dims: ParallelDims, ds_config: dict, on_gpu: bool) -> None:
-    need = model_state_bytes(config, dims, ds_config)
+def check_memory_fits(config: ModelConfig, dims: ParallelDims, ds_config: dict, on_gpu: bool,
+                      frozen_base: bool = False) -> None:
+    need = model_state_bytes(config, dims, ds_config, frozen_base)
     offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
     if on_gpu and offload in ("cpu", "nvme"):
         return  # the partitioned state lives on the host: the device keeps weights and gradients only
