@@ -23,7 +23,7 @@ from megatron_lite.data.preference_dataset import build_preference_datasets, pre
 from megatron_lite.data.sft_dataset import build_sft_datasets, sft_prefixes
 from megatron_lite.data.tokenizer import load_tokenizer
 from megatron_lite.errors import UserError, exit_on_user_error
-from megatron_lite.parallel import ParallelDims, init_distributed
+from megatron_lite.parallel import ParallelDims, init_distributed, shutdown_distributed
 from megatron_lite.training.activation_checkpointing import checkpoint_blocks
 from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
 from megatron_lite.training.engine import build_engine, build_model
@@ -409,3 +409,4 @@ def run_script(kind: str, argv=None, faults: Faults | None = None) -> None:
     `launch/{kind}.py: error: ...` line and exit status 2."""
     with exit_on_user_error(f"launch/{kind}.py"):
         main(kind, argv, faults)
+    shutdown_distributed()
