@@ -146,3 +146,6 @@ def main(argv=None) -> list | dict:
 if __name__ == "__main__":
     with exit_on_user_error("launch/eval.py"):
         main()
+    from megatron_lite.parallel import shutdown_distributed
+
+    shutdown_distributed()
