@@ -43,6 +43,10 @@ def parse_args(argv=None):
                         f"{RECIPE_RANKS} x the micro-batch (default: {DENSE_NPROC}; --moe needs an even number for "
                         "expert parallel 2)")
     p.add_argument("--corpus-mb", type=float, default=8.0, help="MB of stdlib text for pretraining (default: 8)")
+    p.add_argument("--pretrain-arith", type=int, default=0,
+                   help="equations 'a op b = c' mixed into the pretraining text (none of them held out; default: 0)")
+    p.add_argument("--sft-arith", type=int, default=4000,
+                   help="generated arithmetic conversations in the SFT data (default: 4000)")
     p.add_argument("--vocab-size", type=int, default=6400, help="tokenizer vocabulary (default: 6400)")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="samples per rank per step (default: 8)")
@@ -107,7 +111,8 @@ class Pipeline:
         for stale in ("ckpt_pretrain", "ckpt_sft", "hf"):  # a rerun starts training from scratch
             shutil.rmtree(w / stale, ignore_errors=True)
         self.run("build the embedded corpus", [py, "-m", "megatron_lite.data.corpus", "--output-dir", w / "corpus",
-                                               "--pretrain-mb", a.corpus_mb])
+                                               "--pretrain-mb", a.corpus_mb, "--pretrain-arith", a.pretrain_arith,
+                                               "--sft-arith", a.sft_arith])
         self.run("train the tokenizer", [py, "tools/train_tokenizer.py", "--input", w / "corpus/pretrain_train.jsonl",
                                          "--vocab-size", a.vocab_size, "--output-dir", w / "tokenizer"])
         for split in ("train", "valid"):

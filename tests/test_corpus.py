@@ -52,6 +52,32 @@ def test_arithmetic_answers_are_exact(corpus):
     assert n >= 300
 
 
+def test_no_held_out_equation_is_trained_on(tmp_path):
+    """A held-out question's equation, in any wording or operand order (+, *), is in no training row."""
+    from megatron_lite.data.corpus import arithmetic_key
+
+    write_corpus(str(tmp_path), pretrain_mb=0.2, sft_arith=3000, pref_arith=1000, pretrain_arith=3000)
+    rows = {k: [json.loads(line) for line in open(tmp_path / f"{k}.jsonl")]
+            for k in ("pretrain_train", "pretrain_valid", "sft_train", "sft_valid", "pref_train", "pref_valid")}
+    eq = re.compile(r"\d+ [-+*] \d+")
+
+    def keys(texts):
+        return {arithmetic_key(m) for t in texts for m in eq.findall(t)}
+
+    held = keys(r["conversations"][0]["content"] for r in rows["sft_valid"]) | keys(r["prompt"] for r in rows["pref_valid"] if "prompt" in r)
+    def equation_lines(split):
+        return [line for r in rows[split] for line in r["text"].splitlines() if re.fullmatch(r"\d+ [-+*] \d+ = -?\d+", line)]
+
+    lines = equation_lines("pretrain_train")
+    assert len(lines) == 3000 and not equation_lines("pretrain_valid")
+    for a, op, b, c in (re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", line).groups() for line in lines):
+        assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    trained = keys(lines) | keys(m["content"] for r in rows["sft_train"] for m in r["conversations"] if m["role"] == "user")
+    trained |= keys(r["prompt"] for r in rows["pref_train"] if "prompt" in r)
+    assert len(held) > 100 and len(trained) > 5000 and not held & trained
+    assert arithmetic_key("Compute 12 * 7.") == arithmetic_key("What is 7 * 12?") != arithmetic_key("7 - 12 = ?")
+
+
 def test_stdlib_qa_uses_real_docstrings(corpus):
     _, _, rows = corpus
     qa = dict(_qa(rows["sft_train"] + rows["sft_valid"]))
