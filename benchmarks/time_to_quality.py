@@ -45,6 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, row, save_result  # noqa: E402
 from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
+from megatron_lite.training.monitor import read_metrics, training_clock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROG = "benchmarks/time_to_quality.py"
@@ -200,26 +201,13 @@ def train_ours(a, name: str, flags: list[str], paths: dict, run_dir: Path) -> di
     ckpt = run_dir / "ckpt"
     cmd = ours_command(a, paths, ckpt, flags)
     process_s = run(f"train {name}", cmd, run_dir / "train.log", threads=max(1, a.threads // a.nproc))
-    clock = training_clock(ckpt / "metrics.jsonl", a.global_batch_size * a.seq_length)
+    clock = training_clock(read_metrics(ckpt), a.global_batch_size * a.seq_length)
     for step in save_steps(a):
         run(f"export {name} step {step}", [sys.executable, "tools/convert_to_hf.py", "--load", ckpt,
                                            "--tag", f"global_step{step}", "--output", run_dir / f"hf/step{step}"],
             run_dir / "export.log")
     return {"command": shlex.join(str(c) for c in cmd), "process_s": process_s,
             "points": {step: clock[step] for step in save_steps(a)}}
-
-
-def training_clock(metrics: Path, tokens_per_step: int) -> dict[int, float]:
-    """Cumulative training seconds at every logged step: each row's tokens_per_s covers the steps since the
-    previous row and leaves out the time spent saving and evaluating."""
-    clock, seconds, prev = {}, 0.0, 0
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("tokens_per_s"):
-            seconds += (r["step"] - prev) * tokens_per_step / r["tokens_per_s"]
-            clock[r["step"]] = seconds
-            prev = r["step"]
-    return clock
 
 
 def train_baseline_subprocess(a, paths: dict, run_dir: Path) -> dict:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from megatron_lite.errors import UserError, exit_on_user_error  # noqa: E402
 from megatron_lite.eval.arithmetic import format_by_op, heldout_questions, score_arithmetic  # noqa: E402
 from megatron_lite.parallel import free_port  # noqa: E402
+from megatron_lite.training.monitor import read_metrics, training_clock  # noqa: E402
 
 # The recipe's global batch is RECIPE_RANKS micro-batches; fewer processes accumulate the rest. Dense
 # trains fastest on CPU as DENSE_NPROC single-threaded ranks (benchmarks/main_job_throughput.py).
@@ -217,18 +218,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ report
     def metrics(self, ckpt: str, key: str | None = None) -> list[dict]:
-        """Rows of CKPT/metrics.jsonl, only those holding `key` if given (eval-only rows have no train loss)."""
-        with open(self.work / ckpt / "metrics.jsonl", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [r for r in rows if key is None or key in r]
+        return read_metrics(self.work / ckpt, key)
 
     def plot_losses(self) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import numpy as np
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for ax, ckpt, title in zip(axes, ("ckpt_pretrain", "ckpt_sft"), ("pretraining", "SFT")):
             tr, ev = self.metrics(ckpt, "loss"), self.metrics(ckpt, "eval_loss")
             ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
@@ -236,6 +235,15 @@ class Pipeline:
             ax.set(title=f"{title} ({'MiniMoE' if self.args.moe else 'MiniLLM'})", xlabel="step", ylabel="loss")
             ax.grid(alpha=0.3)
             ax.legend()
+        # Time to quality: the pretraining validation loss against training-loop seconds (saves and evals left out).
+        clock = training_clock(self.metrics("ckpt_pretrain"), self.args.micro_batch_size * RECIPE_RANKS * self.args.seq_length)
+        ev = self.metrics("ckpt_pretrain", "eval_loss")
+        seconds = np.interp([r["step"] for r in ev], [0, *clock], [0.0, *clock.values()])
+        self.time_to_quality = [{"step": r["step"], "train_seconds": round(float(t), 1), "valid_loss": r["eval_loss"]}
+                                for r, t in zip(ev, seconds)]
+        axes[2].plot(seconds, [r["eval_loss"] for r in ev], "o-", color="C1")
+        axes[2].set(title="pretraining: valid loss vs training seconds", xlabel="training-loop seconds", ylabel="loss")
+        axes[2].grid(alpha=0.3)
         fig.tight_layout()
         self.png = self.work / "loss_curves.png"
         fig.savefig(self.png, dpi=110)
@@ -267,7 +275,8 @@ class Pipeline:
         print(f"{'total':<{width}}  {sum(s for _, s in self.timings):7.1f} s")
         (self.work / "summary.json").write_text(json.dumps({
             "rows": dict(rows), "timings_s": dict(self.timings), "heldout": self.heldout,
-            "exact_match": self.exact_match, "samples": self.samples}, indent=2) + "\n")
+            "exact_match": self.exact_match, "samples": self.samples, "time_to_quality": self.time_to_quality},
+            indent=2) + "\n")
 
     def report(self) -> None:
         from megatron_lite.eval.report import write_report

@@ -35,6 +35,11 @@ def test_main_job_end_to_end_at_toy_size(tmp_path, variant):
     by_op = summary["exact_match"]["by_op"]
     assert set(by_op) <= {"+", "-", "x"} and sum(r["total"] for r in by_op.values()) == 5
     assert sum(r["correct"] for r in by_op.values()) == summary["exact_match"]["correct"]
+    # Time to quality: every pretraining eval point, at increasing training-loop seconds.
+    evals = [json.loads(x) for x in open(work / "ckpt_pretrain/metrics.jsonl") if '"eval_loss"' in x]
+    ttq = summary["time_to_quality"]
+    assert [(t["step"], t["valid_loss"]) for t in ttq] == [(r["step"], r["eval_loss"]) for r in evals] and ttq
+    assert all(0 < a["train_seconds"] < b["train_seconds"] for a, b in zip(ttq, ttq[1:]))
     png = (work / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     report = (work / "report.md").read_text()

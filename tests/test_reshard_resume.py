@@ -44,8 +44,11 @@ def assert_same_state(a: Path, b: Path, tag: str) -> None:
     x, y = read_training_state(a / tag, config), read_training_state(b / tag, config)
     assert sorted(x.params) == sorted(y.params) and x.steps == y.steps
     assert {k: sorted(v) for k, v in x.moments.items()} == {k: sorted(v) for k, v in y.moments.items()}
+    # Another layout's reduction order changes gradients in their last bits, and AdamW turns that into update
+    # differences up to a fraction of lr for the near-zero gradients; 1e-5 is 0.3 % of one step at lr 3e-3,
+    # while a lost moment or step count moves weights by whole steps.
     for name in x.params:
-        torch.testing.assert_close(y.params[name], x.params[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(y.params[name], x.params[name], atol=1e-5, rtol=1e-5)
     for k, moments in x.moments.items():  # round-off of other reduction orders, relative to the tensor
         for name, ref in moments.items():
             torch.testing.assert_close(y.moments[k][name], ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)

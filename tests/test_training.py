@@ -62,6 +62,15 @@ def moe2(data, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ unit
 
+def test_training_clock_counts_each_logged_interval_at_its_own_rate():
+    from megatron_lite.training.monitor import training_clock
+
+    rows = [{"step": 5, "loss": 1.0, "tokens_per_s": 100.0}, {"step": 7, "eval_loss": 2.0},
+            {"step": 10, "loss": 0.5, "tokens_per_s": 50.0}, {"step": 12, "loss": 0.4, "tokens_per_s": 0}]
+    # 5 steps x 10 tokens at 100 tok/s, then 5 more at 50 tok/s; the eval row and a rate of 0 add no time.
+    assert training_clock(rows, tokens_per_step=10) == {5: 0.5, 10: 1.5}
+
+
 def test_schedule_warmup_then_cosine_to_floor():
     assert lr_at(0, 1.0, 0.1, 4, 20) == pytest.approx(0.25)
     assert lr_at(3, 1.0, 0.1, 4, 20) == pytest.approx(1.0)

@@ -13,6 +13,8 @@ import platform
 import sys
 from pathlib import Path
 
+from megatron_lite.training.monitor import read_metrics
+
 
 def _version(module: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -35,17 +37,9 @@ def environment() -> list[tuple[str, str]]:
     return rows
 
 
-def metrics_rows(ckpt: Path) -> list[dict]:
-    path = Path(ckpt) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def stage_row(name: str, ckpt: Path) -> list[str]:
     """[stage, steps, train loss first -> last, last valid loss, last tokens/s] from CKPT/metrics.jsonl."""
-    rows = metrics_rows(ckpt)
+    rows = read_metrics(ckpt)
     train, valid = [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
     loss = f"{train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}" if train else "-"
     tps = train[-1].get("tokens_per_s") if train else None

@@ -14,6 +14,28 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def read_metrics(ckpt: str | Path, key: str | None = None) -> list[dict]:
+    """Rows of CKPT/metrics.jsonl ([] when there is none), only those holding `key` if given (eval-only rows
+    have no train loss)."""
+    path = Path(ckpt) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if key is None or key in r]
+
+
+def training_clock(rows: list[dict], tokens_per_step: int) -> dict[int, float]:
+    """Cumulative training-loop seconds at every logged step of metrics rows: each row's tokens_per_s covers
+    the steps since the previous row, so the time spent saving and evaluating is left out."""
+    clock, seconds, prev = {}, 0.0, 0
+    for r in rows:
+        if r.get("tokens_per_s"):
+            seconds += (r["step"] - prev) * tokens_per_step / r["tokens_per_s"]
+            clock[r["step"]] = seconds
+            prev = r["step"]
+    return clock
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)

@@ -34,7 +34,7 @@ class Recipe:
 FALLBACK = Recipe()
 
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe(optimizer="adamw", lr=2e-3, warmup_frac=0.05),
+    "tiny": Recipe(optimizer="adamw", lr=2e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0),
     "tiny-moe": Recipe(optimizer="adamw", lr=2e-3, warmup_frac=0.05),
     "small": Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05),
     "mini-llm": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
