@@ -9,7 +9,8 @@
    tools/preprocess_data.py for the train and valid files; kept in --work-dir and reused when already there.
 2. Each recipe trains in its own subprocess on the same samples in the same order:
      ours-default       launch/pretrain.py --model tiny with no lr/warmup flags: what users get
-     ours-previous      the main job's flags: --lr 2e-3 --warmup-iters iters/20
+     ours-previous      the recipe before 2026-12-04: --lr 2e-3 --warmup-iters iters/20, cosine to 0.1 x lr,
+                        no QK-norm
      baseline-hf-llama  stock transformers LlamaForCausalLM of tiny's shapes (our converter's config), torch
                         AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), linear warmup then cosine to 10%,
                         grad clip 1.0, our training samples read through megatron_lite.data.gpt_dataset
@@ -94,7 +95,8 @@ def parse_args(argv=None):
 
 def recipes(a) -> dict[str, list[str] | None]:
     """name -> flags added to our pretrain command (None: the baseline), in the order they run."""
-    table = {"ours-default": [], "ours-previous": ["--lr", "2e-3", "--warmup-iters", str(warmup_iters(a.iters))],
+    table = {"ours-default": [], "ours-previous": ["--lr", "2e-3", "--warmup-iters", str(warmup_iters(a.iters)),
+                                                   "--lr-decay-style", "cosine", "--min-lr", "2e-4", "--no-qk-norm"],
              BASELINE: None}
     for spec in a.extra:
         name, sep, flags = spec.partition("=")
@@ -245,7 +247,8 @@ def train_baseline(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    hf_config = hf_config_dict(get_preset("tiny", vocab_size=pad_vocab_size(len(load_tokenizer(spec["tokenizer"])))))
+    hf_config = hf_config_dict(get_preset("tiny", vocab_size=pad_vocab_size(len(load_tokenizer(spec["tokenizer"]))),
+                                               qk_norm=False))  # the plain Llama a user would write
     hf_config.pop("architectures"), hf_config.pop("model_type")
     model = LlamaForCausalLM(LlamaConfig(**hf_config, attn_implementation="sdpa")).train()
     iters, warmup, gb, mb = spec["iters"], spec["warmup"], spec["global_batch"], spec["micro_batch"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput: our GPT through our DeepSpeed engine vs HF LlamaForCausalLM of identical shape.
+"""Training throughput: our GPT through our DeepSpeed engine vs HF LlamaForCausalLM (Qwen3 with QK-norm) of identical shape.
 
     python benchmarks/train_throughput.py            # small (~25M) and tiny presets, 2-rank ZeRO-2 scaling
     python benchmarks/train_throughput.py --quick    # tiny only, fewer repeats (about a minute)
@@ -11,7 +11,8 @@ Variants, all timed turn about in one process (A B C, C B A, ...) on the same fi
               already lowers zero2.json to stage 0 at dp=1 (it does since commit 12c0fc0)
   ours-zero0+compile  both
   plain       our GPT + torch.optim.AdamW(fused) + clip_grad_norm_ with no engine (engine overhead = plain/ours)
-  hf          transformers LlamaForCausalLM (attn_implementation="sdpa"), our weights copied in,
+  hf          transformers LlamaForCausalLM, or Qwen3ForCausalLM for a QK-norm preset such as tiny (the class our
+              export picks; attn_implementation="sdpa"), our weights copied in,
               torch.optim.AdamW(fused) + clip_grad_norm_(1.0): what a plain HF/PyTorch loop does
 Every step is forward + backward + clip + AdamW step + zero_grad at micro batch 8 x seq 256, fp32.
 Ratios are paired: the median over rounds of (peer step time / our step time) within the same round, robust
@@ -128,14 +129,15 @@ def plain_step(model, fused: bool = True, foreach: bool | None = None):
 
 
 def hf_llama(config, our_model):
-    """LlamaForCausalLM of the same shape holding a copy of `our_model`'s weights (SDPA attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The stock HF class our export gives `config` (LlamaForCausalLM; Qwen3ForCausalLM with QK-norm), the same
+    shape holding a copy of `our_model`'s weights (SDPA attention)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_lite.convert.hf import hf_config_dict, to_hf_state_dict
 
     d = hf_config_dict(config)
-    d.pop("architectures", None), d.pop("model_type", None)
-    hf = LlamaForCausalLM(LlamaConfig(**d, attn_implementation="sdpa"))
+    d.pop("architectures", None)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), attn_implementation="sdpa")
     sd = {k: v.clone() for k, v in to_hf_state_dict(config, our_model.state_dict()).items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
@@ -372,11 +374,11 @@ def run(presets, batch, seq, warmup, repeats, compile_presets=(), zero0=True, dp
         best = max((n for n in res if n.startswith("ours")), key=lambda n: paired_ratio(res["hf"]["times"], res[n]["times"]))
         result["presets"][preset]["best_ours_variant"] = best
         result["presets"][preset]["rows"] = rows = [
-            speed_row(res, preset, "ours", "hf", "ours (engine) vs HF Llama", target=1.1),
+            speed_row(res, preset, "ours", "hf", "ours (engine) vs HF (our export's class)", target=1.1),
             speed_row(res, preset, "ours", "plain", "engine overhead: ours (engine) vs plain loop, same model")]
         for name in res:
             if name.startswith("ours-") or name.startswith("ours+"):
-                rows.append(speed_row(res, preset, name, "hf", f"{name} vs HF Llama", target=1.1))
+                rows.append(speed_row(res, preset, name, "hf", f"{name} vs HF (our export's class)", target=1.1))
         if "ours-zero0" in res:
             rows.append(speed_row(res, preset, "ours-zero0", "ours", "engine ZeRO-0 vs ZeRO-2 (1 process)"))
         mfu_rows = {n: row(f"train {preset}: MFU {n}", None, None, "fraction", target=0.85 if n.startswith("ours") else None)

@@ -136,7 +136,7 @@ def pad_vocab_size(n: int, multiple: int = 64) -> int:
 # Named presets. Parameter counts (tied embeddings): tiny ~5M, small ~25M, mini-llm ~171M, mini-moe ~876M total.
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=6400, num_layers=5, hidden_size=256, num_heads=8, num_kv_heads=4,
-                 ffn_hidden_size=640, max_seq_len=512),
+                 ffn_hidden_size=640, max_seq_len=512, qk_norm=True),
     "tiny-moe": dict(vocab_size=6400, num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4,
                      ffn_hidden_size=384, max_seq_len=512, num_experts=4, topk=2),
     "small": dict(vocab_size=8192, num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=4,

@@ -25,7 +25,7 @@ def test_main_job_end_to_end_at_toy_size(tmp_path, variant):
                        env=env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Summary" in p.stdout and "sample chats" in p.stdout
-    assert ("MixtralForCausalLM" if variant else "LlamaForCausalLM") in p.stdout
+    assert ("MixtralForCausalLM" if variant else "Qwen3ForCausalLM") in p.stdout  # tiny has QK-norm
 
     summary = json.loads((work / "summary.json").read_text())
     first, last = map(float, summary["rows"]["pretrain loss (first -> last logged)"].split(" -> "))

@@ -4,7 +4,8 @@
     python tools/convert_to_hf.py --load CKPT --output HFDIR [--tag global_step30] [--dtype bfloat16]
     python tools/convert_to_hf.py --load LORA_CKPT --output ADAPTER_DIR --adapter-only
 
-Dense SwiGLU models become LlamaForCausalLM, MoE models MixtralForCausalLM. HFDIR gets config.json,
+Dense SwiGLU models become LlamaForCausalLM, MoE models MixtralForCausalLM; with QK-norm (the `tiny` preset)
+Qwen3ForCausalLM / Qwen3MoeForCausalLM. HFDIR gets config.json,
 generation_config.json, model.safetensors and the tokenizer (with its chat template), so
 `AutoModelForCausalLM.from_pretrained(HFDIR)` and `AutoTokenizer.from_pretrained(HFDIR)` load it.
 Reads every checkpoint layout training writes: any ZeRO stage, expert-parallel `layer_*_expert_*` files.
@@ -40,7 +41,7 @@ def main(argv=None):
     with exit_on_user_error("convert_to_hf"):
         from megatron_lite.checkpoint.load import load_full_state_dict
         from megatron_lite.inference.loading import load_tokenizer_for, parse_dtype
-        from megatron_lite.convert.hf import check_exportable, save_hf_folder
+        from megatron_lite.convert.hf import check_exportable, hf_arch, save_hf_folder
 
         if args.adapter_only:
             return export_adapter(args)
@@ -51,8 +52,7 @@ def main(argv=None):
             print(f"convert_to_hf: warning: no tokenizer in {args.load}/tokenizer; HF folder has weights only",
                   file=sys.stderr)
         save_hf_folder(args.output, config, sd, tokenizer, parse_dtype(args.dtype))
-        kind = "MixtralForCausalLM" if config.is_moe else "LlamaForCausalLM"
-        print(f"wrote {kind} ({config.num_params() / 1e6:.2f}M params) to {args.output}")
+        print(f"wrote {hf_arch(config).architecture} ({config.num_params() / 1e6:.2f}M params) to {args.output}")
 
 
 def export_adapter(args):

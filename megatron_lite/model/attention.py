@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.errors import UserError
 from megatron_lite.model.norm import RMSNorm
 from megatron_lite.tensor_parallel import column_linear, group_size, row_linear
 
@@ -134,10 +133,9 @@ class Attention(nn.Module):
         self.o_proj = row_linear(h, h, bias, tp_group)
         self.o_proj.is_output_projection = True  # gets the depth-scaled init
         self.q_norm = self.k_norm = None
-        if config.qk_norm:
-            if tp > 1:  # each rank would hold a different share of the heads' gradient for one shared weight
-                raise UserError("qk_norm is not supported with tensor parallelism (--tp > 1) yet")
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.norm_eps), RMSNorm(self.head_dim, config.norm_eps)
+        if config.qk_norm:  # one per-head weight for all heads, whichever tensor-parallel rank holds them
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, shared_over=tp_group)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, shared_over=tp_group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | Documents | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:

@@ -61,8 +61,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--topk", type=int, default=None, help="experts per token (MoE)")
     for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-heads", "num-kv-heads"):
         g.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
-    g.add_argument("--qk-norm", action="store_true", default=None,
-                   help="RMSNorm on each head's queries and keys before RoPE (Qwen3; exports as Qwen3 classes)")
+    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm on each head's queries and keys before RoPE (Qwen3; exports as Qwen3 classes); "
+                        "default: the preset's (on for tiny), --no-qk-norm for plain Llama/Mixtral attention")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer directory; vocab_size is padded from its length"
                    + (" (default: PRETRAINED/tokenizer)" if sft else " (required unless --load)"))
