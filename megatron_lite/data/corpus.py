@@ -108,8 +108,8 @@ def arithmetic_question(rng: random.Random):
 
 
 def arithmetic_documents(n: int, seed: int, per_doc: int = 32):
-    """Pretraining text: n lines "a op b = c" in documents of per_doc lines, never a held-out equation, so
-    pretraining learns the arithmetic that SFT then only has to put in the chat format."""
+    """Pretraining text: n lines "a op b = c" in documents of per_doc lines, never a held-out equation (off in
+    the main job: at its budget `tiny` does not learn the sums from them, benchmarks/results.md)."""
     rng = random.Random(f"{seed}:pretrain-arithmetic")  # a stream of its own: not the SFT questions
     lines = []
     while len(lines) < n:

@@ -3,8 +3,9 @@ sets the optimizer, learning rates, warmup, decay or weight decay.
 
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
 table (the shipped ds_configs leave these entries "auto"). The tiny values are measured (benchmarks/results.md,
-"Training recipe"); the larger presets' follow the usual scaling (a lower peak lr for wider models, and always
-a warmup: a wide model at a small model's lr with no warmup diverges in its first steps).
+"Training recipe at the main job's full budget"); the larger presets' follow the usual scaling (a lower peak lr
+for wider models, and always a warmup: a wide model at a small model's lr with no warmup diverges in its first
+steps) and keep cosine until measured.
 """
 from __future__ import annotations
 
