@@ -150,6 +150,7 @@ class Pipeline:
         self.run("convert to HuggingFace", [py, "tools/convert_to_hf.py", "--load", w / "ckpt_sft", "--output", w / "hf"])
         self.samples = self.sample_chats_with_transformers()
         self.harness = self.run_harness()
+        self.time_to_quality = self.pretraining_time_to_quality()
         self.plot_losses()
         self.summary()
         self.report()
@@ -220,12 +221,21 @@ class Pipeline:
     def metrics(self, ckpt: str, key: str | None = None) -> list[dict]:
         return read_metrics(self.work / ckpt, key)
 
+    def pretraining_time_to_quality(self) -> list[dict]:
+        """Each pretraining validation loss at its training-loop seconds (saves and evals left out)."""
+        import numpy as np
+
+        clock = training_clock(self.metrics("ckpt_pretrain"), self.args.micro_batch_size * RECIPE_RANKS * self.args.seq_length)
+        ev = self.metrics("ckpt_pretrain", "eval_loss")
+        seconds = np.interp([r["step"] for r in ev], [0, *clock], [0.0, *clock.values()])
+        return [{"step": r["step"], "train_seconds": round(float(t), 1), "valid_loss": r["eval_loss"]}
+                for r, t in zip(ev, seconds)]
+
     def plot_losses(self) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
 
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for ax, ckpt, title in zip(axes, ("ckpt_pretrain", "ckpt_sft"), ("pretraining", "SFT")):
@@ -235,13 +245,8 @@ class Pipeline:
             ax.set(title=f"{title} ({'MiniMoE' if self.args.moe else 'MiniLLM'})", xlabel="step", ylabel="loss")
             ax.grid(alpha=0.3)
             ax.legend()
-        # Time to quality: the pretraining validation loss against training-loop seconds (saves and evals left out).
-        clock = training_clock(self.metrics("ckpt_pretrain"), self.args.micro_batch_size * RECIPE_RANKS * self.args.seq_length)
-        ev = self.metrics("ckpt_pretrain", "eval_loss")
-        seconds = np.interp([r["step"] for r in ev], [0, *clock], [0.0, *clock.values()])
-        self.time_to_quality = [{"step": r["step"], "train_seconds": round(float(t), 1), "valid_loss": r["eval_loss"]}
-                                for r, t in zip(ev, seconds)]
-        axes[2].plot(seconds, [r["eval_loss"] for r in ev], "o-", color="C1")
+        ttq = self.time_to_quality
+        axes[2].plot([p["train_seconds"] for p in ttq], [p["valid_loss"] for p in ttq], "o-", color="C1")
         axes[2].set(title="pretraining: valid loss vs training seconds", xlabel="training-loop seconds", ylabel="loss")
         axes[2].grid(alpha=0.3)
         fig.tight_layout()

@@ -64,7 +64,6 @@ def test_no_held_out_equation_is_trained_on(tmp_path):
     def keys(texts):
         return {arithmetic_key(m) for t in texts for m in eq.findall(t)}
 
-    held = keys(r["conversations"][0]["content"] for r in rows["sft_valid"]) | keys(r["prompt"] for r in rows["pref_valid"] if "prompt" in r)
     def equation_lines(split):
         return [line for r in rows[split] for line in r["text"].splitlines() if re.fullmatch(r"\d+ [-+*] \d+ = -?\d+", line)]
 
@@ -72,6 +71,8 @@ def test_no_held_out_equation_is_trained_on(tmp_path):
     assert len(lines) == 3000 and not equation_lines("pretrain_valid")
     for a, op, b, c in (re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", line).groups() for line in lines):
         assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    held = keys(next(m["content"] for m in r["conversations"] if m["role"] == "user") for r in rows["sft_valid"])
+    held |= keys(r["prompt"] for r in rows["pref_valid"] if "prompt" in r)
     trained = keys(lines) | keys(m["content"] for r in rows["sft_train"] for m in r["conversations"] if m["role"] == "user")
     trained |= keys(r["prompt"] for r in rows["pref_train"] if "prompt" in r)
     assert len(held) > 100 and len(trained) > 5000 and not held & trained
