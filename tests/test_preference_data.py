@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -79,34 +78,26 @@ BAD_ROWS = [({"prompt": "q", "chosen": "a"}, "missing_answer"),
             ('{"prompt": "unterminated', "invalid_json")]
 
 
-def test_bad_preference_rows_are_counted_or_stop_strict(tiny_data, tmp_path, capsys):
-    """As in --chat: bad rows are skipped and counted by line (default), or the first one is one error line
-    naming file and line with nothing written (--strict); no usable row at all is an error too."""
-    rows = [ROWS[0]] + [r for r, _ in BAD_ROWS] + [ROWS[1]]
-    inp = _write(tmp_path / "in.jsonl", rows)
-    stats = preprocess(str(inp), str(tmp_path / "ok"), str(tiny_data["tok"]), preference=True)
-    assert stats["documents"] == 2
-    want = defaultdict(int)
-    for _, kind in BAD_ROWS:
-        want[kind] += 1
-    assert stats["skipped"] == dict(want)
-
+def test_a_bad_preference_row_is_one_error_line_with_nothing_written(tiny_data, tmp_path, capsys):
+    """Unlike --chat, --preference never skips: the first row that is not a usable pair is one error line
+    naming file and line, with or without --strict, and nothing is written."""
     for k, (row, kind) in enumerate(BAD_ROWS):
         inp = _write(tmp_path / f"bad{k}.jsonl", [ROWS[0], ROWS[1], row, ROWS[0]])
-        out = tmp_path / f"out{k}"
-        out.mkdir()
-        with pytest.raises(SystemExit) as e:
-            preprocess_tool.main(["--preference", "--input", str(inp), "--output-prefix", str(out / "p"),
-                                  "--tokenizer", str(tiny_data["tok"]), "--strict"])
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("preprocess_data.py: error: ") and f"bad{k}.jsonl:3: line {BAD_KINDS[kind]}" in err[-1]
-        assert os.listdir(out) == []
+        for strict in ([], ["--strict"]):
+            out = tmp_path / f"out{k}{len(strict)}"
+            out.mkdir()
+            with pytest.raises(SystemExit) as e:
+                preprocess_tool.main(["--preference", "--input", str(inp), "--output-prefix", str(out / "p"),
+                                      "--tokenizer", str(tiny_data["tok"]), *strict])
+            assert e.value.code == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].startswith("preprocess_data.py: error: ") and f"bad{k}.jsonl:3: line {BAD_KINDS[kind]}" in err[-1]
+            assert os.listdir(out) == []
 
     out = tmp_path / "none"
     out.mkdir()
     with pytest.raises(UserError, match="no usable documents"):
-        preprocess(str(_write(tmp_path / "all_bad.jsonl", [r for r, _ in BAD_ROWS])), str(out / "p"),
+        preprocess(str(_write(tmp_path / "blank.jsonl", ["", " "])), str(out / "p"),
                    str(tiny_data["tok"]), preference=True)
     assert os.listdir(out) == []
     with pytest.raises(UserError, match="--preference"):

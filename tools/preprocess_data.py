@@ -18,9 +18,9 @@ rendered as the whole ChatML conversation with the answer as the last assistant 
     P_rejected_text_document, P_rejected_loss_mask_document  the rejected one, likewise
 launch/dpo.py --data-path P reads the four.
 
-Bad lines (invalid UTF-8 or JSON, missing key, non-string or empty value, malformed conversation or
-preference row) are
-skipped and counted; --strict stops at the first one instead. Output is written under temporary
+Bad lines (invalid UTF-8 or JSON, missing key, non-string or empty value, malformed conversation) are
+skipped and counted; --strict stops at the first one instead, and so does --preference always (a row
+that is not a usable pair, e.g. without `chosen` or `rejected`, is one error line naming file and line). Output is written under temporary
 names and renamed only after the whole input succeeded, so a failed run leaves no partial dataset.
 """
 import argparse
@@ -57,7 +57,8 @@ def get_args(argv=None):
     p.add_argument("--batch-mb", type=float, default=1.0,
                    help="also end a batch after this many MB of input (bounds memory with long documents)")
     p.add_argument("--strict", action="store_true",
-                   help="stop with an error at the first bad line (default: skip and count bad lines)")
+                   help="stop with an error at the first bad line (default: skip and count bad lines; "
+                        "--preference always stops)")
     p.add_argument("--log-interval", type=int, default=10000,
                    help="when stderr is not a terminal (no progress bar), print a progress line every "
                         "N documents")

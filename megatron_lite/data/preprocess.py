@@ -357,17 +357,20 @@ def encode_batches(batches, settings: EncodeSettings, workers: int):
 # ---------------------------------------------------------------- write
 
 class BadLines:
-    """Counts skipped lines by kind, keeping the first few line numbers of each; --strict stops at one."""
+    """Counts skipped lines by kind, keeping the first few line numbers of each; --strict stops at one, and so
+    does --preference always: a preference file is all pairs, and a pair lost without notice is a silently
+    different preference set (an SFT file passed by mistake would otherwise shrink to nothing row by row)."""
 
-    def __init__(self, input_path: str, strict: bool):
-        self.input_path, self.strict = input_path, strict
+    def __init__(self, input_path: str, strict: bool, preference: bool = False):
+        self.input_path, self.strict, self.preference = input_path, strict or preference, preference
         self.counts: Counter = Counter()
         self.first: dict[str, list[int]] = {}
 
     def add(self, lineno: int, kind: str):
         if self.strict:
-            raise UserError(f"{self.input_path}:{lineno}: line {BAD_KINDS[kind]}; fix or remove it, "
-                            f"or drop --strict to skip bad lines")
+            fix = ("every --preference row must be a usable pair" if self.preference
+                   else "or drop --strict to skip bad lines")
+            raise UserError(f"{self.input_path}:{lineno}: line {BAD_KINDS[kind]}; fix or remove it, {fix}")
         self.counts[kind] += 1
         lines = self.first.setdefault(kind, [])
         if len(lines) < 5:
@@ -448,7 +451,7 @@ def preprocess(input_path: str, output_prefix: str, tokenizer: str, json_keys: l
                 for k in keys}
     settings = EncodeSettings(os.path.join(tokenizer, "tokenizer.json"), tuple(json_keys), append_eod, chat,
                               dtype, info["eos_id"], preference)
-    bad_lines = BadLines(input_path, strict)
+    bad_lines = BadLines(input_path, strict, preference)
     n_lines = n_docs = n_tokens = blank = 0
     t0 = time.time()
     progress = Progress(input_path, log_interval)
