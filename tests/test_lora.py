@@ -127,30 +127,49 @@ def test_merged_export_and_readers_equal_adapter_model(request, bases, kind, tmp
         assert (_double(base)(ids).logits - ref).abs().max() > 1e-2  # the adapters do change the model
 
 
-def test_peft_loads_adapter_folder(lora_dense, bases, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_loads_adapter_folder(request, bases, kind, tmp_path):
+    """The real peft loads our folder on the HF export of the base and gives the adapter model's logits; for
+    MoE its expert adapters sit on transformers' fused expert tensors (peft's target_parameters)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from megatron_lite.training.lora import load_adapter_model
 
-    convert_to_hf.main(["--load", str(bases["dense"]), "--output", str(tmp_path / "base_hf")])
-    convert_to_hf.main(["--load", str(lora_dense), "--output", str(tmp_path / "adapter"), "--adapter-only"])
+    lora_run = request.getfixturevalue(f"lora_{kind}")
+    convert_to_hf.main(["--load", str(bases[kind]), "--output", str(tmp_path / "base_hf")])
+    convert_to_hf.main(["--load", str(lora_run), "--output", str(tmp_path / "adapter"), "--adapter-only"])
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf"),
-                                           tmp_path / "adapter").eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", experts_implementation="eager")
+    peft_model = _double(PeftModel.from_pretrained(base, tmp_path / "adapter"))
+    if kind == "moe":  # the experts are adapted through peft's ParamWrapper, not per-expert Linear modules
+        assert sorted(peft_model.peft_config["default"].target_parameters) == ["experts.down_proj",
+                                                                               "experts.gate_up_proj"]
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (peft_model(ids).logits - load_adapter_model(lora_dense)(ids).logits).abs().max() < 1e-5
+        ref = _double(load_adapter_model(lora_run))(ids).logits
+        assert (peft_model(ids).logits - ref).abs().max() < 1e-5
+        with peft_model.disable_adapter():  # the base alone is far from it: peft really applied the adapters
+            assert (peft_model(ids).logits - ref).abs().max() > 1e-2
 
 
-@pytest.mark.multirank
-def test_adapter_only_refuses_moe_expert_adapters(lora_moe, tmp_path, capsys):
-    """MoE expert adapters have no per-module place in transformers' fused experts: one line, nothing written."""
-    with pytest.raises(SystemExit) as e:
-        convert_to_hf.main(["--load", str(lora_moe), "--output", str(tmp_path / "a"), "--adapter-only"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "fused 3-D expert tensors" in err[0]
-    assert not (tmp_path / "a").exists()
+def test_fused_expert_adapter_with_gate_not_targeted():
+    """With `up` adapted and `gate` not, the fused gate_up adapter's delta (computed the way peft's
+    ParamWrapper reshapes A and B) is 0 on every expert's gate rows and scale-free B_up @ A_up on its up rows,
+    padded to the folder's rank without changing it."""
+    from megatron_lite.convert.peft_adapter import _fused_expert_adapter
+
+    g = torch.Generator().manual_seed(0)
+    num_experts, hidden, ffn, r, rank = 3, 8, 5, 2, 4
+    ups = {(0, e, "up_proj"): (torch.randn(r, hidden, generator=g), torch.randn(ffn, r, generator=g))
+           for e in range(num_experts)}
+    a, b = _fused_expert_adapter(ups, 0, "gate_up_proj", num_experts, rank)
+    assert a.shape == (num_experts * rank, hidden) and b.shape == (2 * ffn, rank * num_experts)
+    delta = torch.einsum("ore,eri->eoi", b.reshape(2 * ffn, rank, num_experts), a.reshape(num_experts, rank, hidden))
+    for e in range(num_experts):
+        a_up, b_up = ups[(0, e, "up_proj")]
+        assert torch.equal(delta[e, :ffn], torch.zeros(ffn, hidden))
+        assert torch.allclose(delta[e, ffn:], b_up @ a_up, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input
