@@ -124,7 +124,7 @@ def write_table(results: dict[str, dict], runs: list[dict]) -> Path:
     def mach(d):
         return d.get("machine") if isinstance(d.get("machine"), dict) else {}
     machines = {json.dumps(mach(d), sort_keys=True) for d in results.values() if mach(d)}
-    lines = [f"# Benchmark results", "",
+    lines = ["# Benchmark results", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
              f"`python benchmarks/run_all.py`. Each script measures ours and the peer in the same run (interleaved "
              f"where timed), so the ratios hold even when the machine is busy; absolute figures do not.", ""]

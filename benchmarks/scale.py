@@ -64,7 +64,6 @@ def reset_peak_rss() -> None:
 # ---------------------------------------------------------------------------------------------- worker
 
 def worker(a) -> None:
-    import torch
     import torch.distributed as dist
 
     from benchmarks.train_throughput import make_batch, quiet_deepspeed
