@@ -136,6 +136,27 @@ def test_param_groups_no_decay_on_norms_biases_embeddings():
     assert len(no_decay) + len(decay) == len(list(model.parameters()))
 
 
+def test_zero_init_output_makes_every_block_the_identity():
+    """--zero-init-output zeroes o_proj and down_proj (dense and every expert) and nothing else, so the
+    fresh model's logits are the head of the final norm of the embeddings alone."""
+    from megatron_lite.model.gpt import GPT
+    from megatron_lite.training.engine import zero_output_projections
+
+    for cfg in (get_preset("tiny", vocab_size=128), get_preset("tiny-moe", vocab_size=128, tie_embeddings=False)):
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        zero_output_projections(model)
+        zeroed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        assert zeroed and all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in zeroed)
+        assert len(zeroed) == cfg.num_layers * (1 + max(1, cfg.num_experts))
+        ids = torch.randint(0, 128, (2, 16))
+        with torch.no_grad():
+            head = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
+            expected = model.norm(model.embed_tokens(ids)) @ head.T
+            assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
 def test_latest_never_names_a_partial_checkpoint(tmp_path):
     """A save that dies half way leaves `latest` on the previous complete step; the next save of the same
     step replaces the debris."""

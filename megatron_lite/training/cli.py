@@ -26,7 +26,7 @@ from megatron_lite.errors import UserError, exit_on_user_error
 from megatron_lite.parallel import ParallelDims, init_distributed, shutdown_distributed
 from megatron_lite.training.activation_checkpointing import checkpoint_blocks
 from megatron_lite.training.ds_config import load_ds_config, resolve_ds_config, wandb_settings
-from megatron_lite.training.engine import build_engine, build_model
+from megatron_lite.training.engine import build_engine, build_model, zero_output_projections
 from megatron_lite.training import dpo
 from megatron_lite.training.loop import Faults, Progress, StopRequest, TrainSettings, lm_objective, train
 from megatron_lite.training.lora import (add_lora_args, apply_lora, prepare_lora, restore_frozen_base,
@@ -34,7 +34,7 @@ from megatron_lite.training.lora import (add_lora_args, apply_lora, prepare_lora
 from megatron_lite.training.memory import check_memory_fits
 from megatron_lite.training.monitor import Monitor
 from megatron_lite.training.rank_agreement import agree_at_start, launched_with_peers
-from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for
+from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for, recipe_value
 from megatron_lite.training.rng import set_rng_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +64,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="RMSNorm on each head's queries and keys before RoPE (Qwen3; exports as Qwen3 classes); "
                         "default: the preset's (on for tiny), --no-qk-norm for plain Llama/Mixtral attention")
+    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the input embedding with the output head (default: the preset's, on for all); "
+                        "--no-tie-embeddings trains a separate lm_head (exports with tie_word_embeddings false)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer directory; vocab_size is padded from its length"
                    + (" (default: PRETRAINED/tokenizer)" if sft else " (required unless --load)"))
@@ -116,6 +119,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=None,
                    help="decoupled weight decay, not on norms, biases, embeddings (recipe: 0.1)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0 = off)")
+    if kind == "pretrain":
+        g.add_argument("--zero-init-output", action=argparse.BooleanOptionalAction, default=None,
+                       help="start every residual-stream output projection (attention o_proj, FFN / expert "
+                            "down_proj) at zero instead of N(0, std / sqrt(2 x layers)) (recipe: off)")
     g.add_argument("--seed", type=int, default=1234, help="seed for init, data order, dropout and router noise")
 
     g = p.add_argument_group("parallelism")
@@ -183,7 +190,8 @@ def model_config(a, tokenizer) -> ModelConfig:
     overrides = {k: v for k, v in dict(num_experts=a.num_experts, topk=a.topk, num_layers=a.num_layers,
                                        hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
                                        num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-                                       qk_norm=a.qk_norm).items() if v is not None}
+                                       qk_norm=a.qk_norm, tie_embeddings=a.tie_embeddings).items()
+                 if v is not None}
     return get_preset(a.model, vocab_size=pad_vocab_size(len(tokenizer)), **overrides)
 
 
@@ -326,6 +334,8 @@ def build_datasets(kind: str, a, s: TrainSettings):
 
 def build_model_and_engine(kind: str, a, config: ModelConfig, dims: ParallelDims, ds_config: dict, lora=None):
     model = build_model(config, dims, a.seed)
+    if kind == "pretrain" and not a.load and recipe_value(a.zero_init_output, a.model, "zero_init_output"):
+        zero_output_projections(model)
     if kind != "pretrain" and not a.load:
         # Weights only, before DeepSpeed copies them into its optimizer: this reads a checkpoint saved with
         # any tp / ep layout (or converted from HF) and keeps this rank's shard and experts.

@@ -25,6 +25,15 @@ def build_model(config: ModelConfig, dims: ParallelDims, seed: int) -> torch.nn.
     return GPT(config, **kwargs)
 
 
+@torch.no_grad()
+def zero_output_projections(model: torch.nn.Module) -> None:
+    """Zero every projection that writes into the residual stream (attention o_proj, FFN and expert
+    down_proj, tensor-parallel shards included): each block starts as the identity, as in modded-nanogpt."""
+    for m in model.modules():
+        if getattr(m, "is_output_projection", False):
+            m.weight.zero_()
+
+
 def tag_muon_params(model: torch.nn.Module) -> None:
     """Set `use_muon` on every parameter, which DeepSpeed's Muon reads: True on the hidden matrices
     (attention q/k/v/o, FFN and expert weights, tensor-parallel shards included), False on embeddings, norms,

@@ -1,5 +1,5 @@
 """Per-preset training recipe: what `launch/pretrain.py --model NAME` uses when neither a flag nor the ds_config
-sets the optimizer, learning rates, warmup, decay or weight decay.
+sets the optimizer, learning rates, warmup, decay or weight decay, and how pretraining initialises.
 
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
 table (the shipped ds_configs leave these entries "auto"). The tiny values are measured (benchmarks/results.md,
@@ -25,6 +25,8 @@ class Recipe:
     decay_style: str = "cosine"
     wsd_decay_frac: float = 0.2  # WSD: the linear decay takes this last fraction of --train-iters
     weight_decay: float = 0.1
+    zero_init_output: bool = False  # pretraining starts with every residual-stream output projection at 0
+
 
     def warmup_iters(self, train_iters: int) -> int:
         return max(1, round(self.warmup_frac * train_iters)) if self.warmup_frac > 0 else 0
@@ -50,3 +52,8 @@ SFT = Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05)
 
 def recipe_for(preset: str | None, sft: bool = False) -> Recipe:
     return SFT if sft else RECIPES.get(preset or "", FALLBACK)
+
+
+def recipe_value(flag, preset: str | None, name: str):
+    """A command-line flag's value when given (not None), else the preset's recipe entry `name`."""
+    return getattr(recipe_for(preset), name) if flag is None else flag
