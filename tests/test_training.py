@@ -388,6 +388,20 @@ def test_user_errors_before_any_work(data, extra, message):
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "small"], "--model small differs from the model in --pretrained"),
+    (["--num-layers", "3"], "--num-layers 3 differs from the model in --pretrained"),
+    (["--no-qk-norm"], "--no-qk-norm differs from the model in --pretrained"),
+])
+def test_sft_refuses_model_flags_that_contradict_pretrained(dense2, data, extra, message):
+    """SFT takes its model from --pretrained: a shape flag that disagrees is one error, not silently ignored."""
+    from megatron_lite.training.cli import main
+
+    with pytest.raises(UserError, match=message):
+        main("sft", ["--pretrained", str(dense2), "--data-path", data["sft"], "--train-iters", "1", *extra])
+
+
+@pytest.mark.multirank
 def test_load_of_a_different_model_is_refused(dense2, data):
     from megatron_lite.training.cli import main
 

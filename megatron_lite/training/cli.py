@@ -186,13 +186,16 @@ def check_args(a) -> None:
         raise UserError(f"--load {a.load}: checkpoint folder does not exist")
 
 
+def model_overrides(a) -> dict:
+    """The model-shape flags given on the command line, as ModelConfig fields."""
+    return {k: v for k, v in dict(num_experts=a.num_experts, topk=a.topk, num_layers=a.num_layers,
+                                  hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+                                  num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, qk_norm=a.qk_norm,
+                                  tie_embeddings=a.tie_embeddings).items() if v is not None}
+
+
 def model_config(a, tokenizer) -> ModelConfig:
-    overrides = {k: v for k, v in dict(num_experts=a.num_experts, topk=a.topk, num_layers=a.num_layers,
-                                       hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
-                                       num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-                                       qk_norm=a.qk_norm, tie_embeddings=a.tie_embeddings).items()
-                 if v is not None}
-    return get_preset(a.model, vocab_size=pad_vocab_size(len(tokenizer)), **overrides)
+    return get_preset(a.model, vocab_size=pad_vocab_size(len(tokenizer)), **model_overrides(a))
 
 
 def resolve_model(kind: str, a):
@@ -210,6 +213,12 @@ def resolve_model(kind: str, a):
                             f"tokenizer from tools/train_tokenizer.py (ChatML) or add one to its tokenizer_config.json")
         if a.model and get_preset(a.model, vocab_size=config.vocab_size).replace(name=config.name) != config:
             raise UserError(f"--model {a.model} differs from the model in --pretrained {a.pretrained}; drop --model")
+        for field, value in model_overrides(a).items():
+            if getattr(config, field) != value:
+                name = field.replace("_", "-")
+                flag = f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else f"--{name} {value}"
+                raise UserError(f"{flag} differs from the model in --pretrained {a.pretrained} "
+                                f"({name} {getattr(config, field)}); SFT takes the model from there: drop it")
         return config, tok_dir, tokenizer
     if not a.tokenizer:
         if not a.load:
