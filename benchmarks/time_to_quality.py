@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to quality: held-out loss of training recipes on the same token budget, against a plain PyTorch baseline.
 
-    python benchmarks/time_to_quality.py                      # the main job's budget: 260 x 16 x 256 tokens
+    python benchmarks/time_to_quality.py                      # the main job's budget: 520 x 8 x 256 tokens
     python benchmarks/time_to_quality.py --quick              # 30 steps on 1 MB: a few minutes
     python benchmarks/time_to_quality.py --extra wsd="--warmup-iters 13 --min-lr 0" --recipes ours-default
 
@@ -62,9 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--extra", action="append", default=[], metavar='NAME="FLAGS"',
                    help='an extra recipe: launch/pretrain.py --model tiny plus FLAGS, e.g. '
                         'lr3e-3="--lr 3e-3 --warmup-iters 13" (repeatable)')
-    p.add_argument("--iters", type=int, default=None, help="optimizer steps per recipe (default 260; quick 30)")
-    p.add_argument("--global-batch-size", type=int, default=16, help="samples per optimizer step (default 16)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="samples per forward, per rank (default 8)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="optimizer steps per recipe (default 520, the main job's; quick 30)")
+    p.add_argument("--global-batch-size", type=int, default=8, help="samples per optimizer step (default 8)")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward, per rank (default 4)")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per sample and per eval window (default 256)")
     p.add_argument("--corpus-mb", type=float, default=None, help="MB of embedded corpus text (default 8; quick 1)")
     p.add_argument("--vocab-size", type=int, default=6400, help="tokenizer vocabulary (default 6400)")
@@ -88,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smaller budget: 30 steps on 1 MB of text")
     p.add_argument("--_baseline", metavar="SPEC", default=None, help=argparse.SUPPRESS)  # the baseline subprocess
     a = p.parse_args(argv)
-    a.iters = a.iters or (30 if a.quick else 260)
+    a.iters = a.iters or (30 if a.quick else 520)
     a.corpus_mb = a.corpus_mb or (1.0 if a.quick else 8.0)
     return a
 

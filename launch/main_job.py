@@ -50,8 +50,9 @@ def parse_args(argv=None):
                    help="generated arithmetic conversations in the SFT data (default: 4000)")
     p.add_argument("--vocab-size", type=int, default=6400, help="tokenizer vocabulary (default: 6400)")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="samples per rank per step (default: 8)")
-    p.add_argument("--pretrain-iters", type=int, default=260, help="pretraining optimizer steps (default: 260)")
+    p.add_argument("--micro-batch-size", type=int, default=4,
+                   help="pretraining samples per rank per step (default: 4, a global batch of 8 x 256 tokens)")
+    p.add_argument("--pretrain-iters", type=int, default=520, help="pretraining optimizer steps (default: 520)")
     p.add_argument("--sft-iters", type=int, default=250, help="SFT optimizer steps (default: 250)")
     p.add_argument("--sft-seq-length", type=int, default=96,
                    help="tokens per SFT sample; the embedded conversations average ~32 tokens (default: 96)")
