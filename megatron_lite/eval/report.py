@@ -137,8 +137,11 @@ def render(*, title: str, command: list[str] | None, summary: dict, stages: dict
     if scores:
         parts += ["## Held-out scores", "", table(["", ""], scores), ""]
     if harness:
-        parts += ["## lm-evaluation-harness", "", table(["task", "metric", "value", "stderr"], harness_rows(harness)),
-                  ""]
+        parts += ["## lm-evaluation-harness", ""]
+        if hf_dir:  # SFT moves a model away from raw text: its bits per byte differ from the pretrained ones above
+            parts += [f"Scored by `lm_eval` on the HF export `{os.path.relpath(hf_dir, base)}`, the final model; "
+                      "the held-out bits per byte above are the pretrained checkpoint's.", ""]
+        parts += [table(["task", "metric", "value", "stderr"], harness_rows(harness)), ""]
     if summary.get("samples"):
         parts += ["## Sample chats", ""]
         for q, a in summary["samples"]:
