@@ -91,7 +91,8 @@ def test_a_bad_preference_row_is_one_error_line_with_nothing_written(tiny_data, 
                                       "--tokenizer", str(tiny_data["tok"]), *strict])
             assert e.value.code == 2
             err = capsys.readouterr().err.strip().splitlines()
-            assert err[-1].startswith("preprocess_data.py: error: ") and f"bad{k}.jsonl:3: line {BAD_KINDS[kind]}" in err[-1]
+            assert err[-1].startswith("preprocess_data.py: error: ")
+            assert f"bad{k}.jsonl:3: line {BAD_KINDS[kind]}" in err[-1]
             assert os.listdir(out) == []
 
     out = tmp_path / "none"

@@ -20,8 +20,9 @@ launch/dpo.py --data-path P reads the four.
 
 Bad lines (invalid UTF-8 or JSON, missing key, non-string or empty value, malformed conversation) are
 skipped and counted; --strict stops at the first one instead, and so does --preference always (a row
-that is not a usable pair, e.g. without `chosen` or `rejected`, is one error line naming file and line). Output is written under temporary
-names and renamed only after the whole input succeeded, so a failed run leaves no partial dataset.
+that is not a usable pair, e.g. without `chosen` or `rejected`, is one error line naming file and line).
+Output is written under temporary names and renamed only after the whole input succeeded, so a failed run
+leaves no partial dataset.
 """
 import argparse
 import os

@@ -99,10 +99,11 @@ def peft_moe_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]
     _, adapters = split_adapters(state_dict)
     experts, linear = {}, {}
     for module, (a, b) in adapters.items():
+        pair = (a.detach(), b.detach())
         if m := EXPERT_KEY.match(f"{module}.weight"):
-            experts[(int(m["layer"]), int(m["expert"]), m["param"].removesuffix(".weight"))] = (a.detach(), b.detach())
+            experts[(int(m["layer"]), int(m["expert"]), m["param"].removesuffix(".weight"))] = pair
         else:
-            linear[hf_name(f"{module}.weight").removesuffix(".weight")] = (a.detach(), b.detach())
+            linear[hf_name(f"{module}.weight").removesuffix(".weight")] = pair
     if not adapters:
         raise UserError("the checkpoint's state dict holds no LoRA adapter weights")
     hf_config = hf_config_dict(config)
