@@ -97,6 +97,8 @@ def peft_moe_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]
 
     hf_name = hf_weight_names(config)
     _, adapters = split_adapters(state_dict)
+    if not adapters:
+        raise UserError("the checkpoint's state dict holds no LoRA adapter weights")
     experts, linear = {}, {}
     for module, (a, b) in adapters.items():
         pair = (a.detach(), b.detach())
@@ -104,8 +106,6 @@ def peft_moe_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]
             experts[(int(m["layer"]), int(m["expert"]), m["param"].removesuffix(".weight"))] = pair
         else:
             linear[hf_name(f"{module}.weight").removesuffix(".weight")] = pair
-    if not adapters:
-        raise UserError("the checkpoint's state dict holds no LoRA adapter weights")
     hf_config = hf_config_dict(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
