@@ -14,7 +14,9 @@ inductor fixes a kernel's thread count when it compiles it. Runs are interleaved
 --repeats rounds after a warm-up, with the garbage collector paused while a run is timed (as `timeit` does:
 a collection of the other side's garbage would land on whichever run it interrupts). Reported: tok/s from
 the median round, and the speedup as the median over rounds of the paired ratio, by wall clock and by process
-CPU time (the latter robust to other jobs on a shared machine). Results go to benchmarks/results/decode.json.
+CPU time (the latter robust to other jobs on a shared machine). For dense models a third side times the step's
+weight matmuls alone (`weight_matmuls`): HF's decode time over it is the largest speed-up any decoder could show
+here. Results go to benchmarks/results/decode.json.
 
 As users run it (benchmarks/decode_processes.py): --server measures a warm `tools/serve.py` with default
 flags (compiled at start-up) through the `openai` client against HF `generate` in a loop; --one-shot measures
@@ -120,6 +122,32 @@ def rates(t: dict, side: str, B: int, prefill_len: int, n: int) -> tuple[dict, d
     return figures, per_round
 
 
+def decode_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every weight matrix a decode step multiplies by, as (in, out), in the decode layout: fused q/k/v and
+    gate/up where fused, the tied embedding once (as the head)."""
+    fused = [t for m in model.modules() for t in (getattr(m, "qkv_t", None), getattr(m, "gate_up_t", None))
+             if t is not None]
+    shared = {t.untyped_storage().data_ptr() for t in fused}
+    return fused + [p.detach().t() for p in model.parameters()
+                    if p.dim() == 2 and p.untyped_storage().data_ptr() not in shared]
+
+
+def weight_matmuls(model: torch.nn.Module, batch: int, steps: int):
+    """A zero-arg fn doing `steps` decode steps' weight products and nothing else (`decode_matrices`, each
+    times a (batch, in) input). A step that streams its weights from memory cannot beat this, so HF's step time
+    over it bounds the speed-up any decoder can show on this machine. Dense models only (an MoE step reads just
+    its routed experts)."""
+    mats = decode_matrices(model)
+    inputs = [torch.randn(batch, w.shape[0]) for w in mats]
+
+    @torch.inference_mode()
+    def run():
+        for _ in range(steps):
+            for x, w in zip(inputs, mats):
+                x @ w
+    return run
+
+
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error("decode"):
@@ -189,10 +217,12 @@ def main(argv=None):
                 g = torch.Generator().manual_seed(B)
                 ids = torch.randint(3, config.vocab_size, (B, args.prompt_len), generator=g)
                 long_ids = torch.randint(3, config.vocab_size, (B, args.prefill_len), generator=g)
-                t = measure({(side, what): (lambda fn=fn, x=x, k=k: fn(x, k))
-                             for side, fn in (*sides.items(), ("hf", run_hf))
-                             for what, x, k in (("prefill", long_ids, 1), ("one", ids, 1), ("all", ids, n))},
-                            args.repeats)
+                fns = {(side, what): (lambda fn=fn, x=x, k=k: fn(x, k))
+                       for side, fn in (*sides.items(), ("hf", run_hf))
+                       for what, x, k in (("prefill", long_ids, 1), ("one", ids, 1), ("all", ids, n))}
+                if not config.is_moe:
+                    fns[("floor", "decode")] = weight_matmuls(ours, B, n - 1)
+                t = measure(fns, args.repeats)
                 row = {"threads": threads, "batch": B}
                 per_round = {}
                 for side in (*sides, "hf"):
@@ -215,6 +245,8 @@ def main(argv=None):
                               f"{o[clock]['prefill_tok_s']:8.1f} vs HF {h[clock]['prefill_tok_s']:8.1f} "
                               f"({speedup['prefill'][clock]}x)", flush=True)
                     rows += table_rows(label, side, o, h, speedup)
+                if not config.is_moe:
+                    rows.append(floor_row(label, row, t, per_round["hf"], B, n))
                 print(f"{threads} thread(s), batch {B}: identical greedy tokens: {row['same_tokens']}", flush=True)
                 results["runs"].append(row)
         if args.server or args.one_shot:
@@ -224,6 +256,25 @@ def main(argv=None):
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.output}")
+
+
+def floor_row(label: str, row: dict, t: dict, hf_rounds: dict, B: int, n: int) -> dict:
+    """The weight-matmul floor (`weight_matmuls`) as tok/s, and HF's decode time over it per round: the largest
+    decode speed-up over HF that this machine allows."""
+    from benchmarks.common import paired_ratio
+    from benchmarks.common import row as result_row
+
+    floor = {c: t[("floor", "decode")][i] for c, i in (("wall", 0), ("cpu", 1))}
+    row["floor"] = {c: {"decode_tok_s": round(B * (n - 1) / statistics.median(v), 1),
+                        "decode_ms_per_step": round(1000 * statistics.median(v) / (n - 1), 3)} for c, v in floor.items()}
+    bound = {c: round(paired_ratio(hf_rounds[c]["decode"], floor[c]), 2) for c in floor}
+    row["floor_over_hf"] = bound
+    print(f"{label} [wall] weight-matmul floor {row['floor']['wall']['decode_tok_s']:8.1f} tok/s: at most "
+          f"{bound['wall']}x HF's decode ({bound['cpu']}x by CPU time)", flush=True)
+    return result_row(f"{label}: decode_tok_s of the step's weight matmuls alone (a floor) vs HF generate",
+                      row["floor"]["wall"]["decode_tok_s"], row["hf"]["wall"]["decode_tok_s"], "tok/s",
+                      ratio=bound["wall"], ratio_cpu_time=bound["cpu"],
+                      note="no decoder can pass this ratio on this machine")
 
 
 def measure_processes(args, config, state_dict, hf, results) -> list[dict]:

@@ -67,12 +67,31 @@ def test_decode_benchmark_rows_and_same_tokens(tmp_path):
     data = json.loads(out.read_text())
     assert [(r["threads"], r["batch"]) for r in data["runs"]] == [(1, 2), (2, 2)]  # one run per thread count
     assert all(r["same_tokens"] is True for r in data["runs"])  # ours and HF generate agree on the same weights
-    assert [r["unit"] for r in data["rows"]] == ["tok/s"] * 4
-    assert ["1 thread)" in r["benchmark"] for r in data["rows"]] == [True, True, False, False]
+    assert [r["unit"] for r in data["rows"]] == ["tok/s"] * 6  # decode, prefill, the weight-matmul floor
+    assert ["1 thread)" in r["benchmark"] for r in data["rows"]] == [True] * 3 + [False] * 3
+    floor = data["rows"][2]
+    assert "weight matmuls alone" in floor["benchmark"] and floor["target"] is None
+    assert floor["ratio"] == pytest.approx(data["runs"][0]["floor_over_hf"]["wall"])
     decode_row = data["rows"][0]
     assert ROW_FIELDS <= set(decode_row) and decode_row["target"] == 2.0
     # one round: the median paired ratio is the ratio of that round's figures
     assert decode_row["ratio"] == pytest.approx(decode_row["ours"] / decode_row["peer"], rel=1e-2)
+
+
+def test_decode_floor_reads_every_weight_once():
+    """The floor's matrices hold exactly the model's weights: the decode layout's fused blocks replace their
+    parts, and the tied embedding is read once, as the head."""
+    from benchmarks.decode import decode_matrices
+    from megatron_lite.config import get_preset
+    from megatron_lite.inference.fast_decode import use_decode_layout
+    from megatron_lite.model.gpt import GPT
+
+    model = use_decode_layout(GPT(get_preset("tiny")).eval())
+    mats = decode_matrices(model)
+    assert sum(m.numel() for m in mats) == sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    layer = model.layers[0]
+    assert mats[0] is layer.self_attn.qkv_t and mats[1] is layer.mlp.gate_up_t  # fused, so read in one product
+    assert len(mats) == 4 * len(model.layers) + 1  # qkv, gate_up, o_proj, down_proj per layer; the head
 
 
 def test_time_to_quality_scores_our_export_as_launch_eval_does(tmp_path):
