@@ -118,6 +118,11 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="wsd: fraction of --train-iters the final linear decay takes (recipe: 0.2)")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="decoupled weight decay, not on norms, biases, embeddings (recipe: 0.1)")
+    g.add_argument("--adam-beta1", type=float, default=None,
+                   help="AdamW's first-moment decay (default: the ds_config's betas, or the recipe's 0.9)")
+    g.add_argument("--adam-beta2", type=float, default=None,
+                   help="AdamW's second-moment decay (default: the ds_config's betas, or the recipe's: 0.99 for "
+                        "tiny, 0.95 otherwise)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0 = off)")
     if kind == "pretrain":
         g.add_argument("--zero-init-output", action=argparse.BooleanOptionalAction, default=None,
@@ -249,6 +254,7 @@ def plan_parallel(a, config: ModelConfig, raw_ds_config: dict) -> tuple[Parallel
         global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters, optimizer=a.optimizer,
         muon_lr=a.muon_lr, lr_decay_style=a.lr_decay_style, wsd_decay_frac=a.lr_wsd_decay_frac,
+        adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2,
         recipe=recipe_for(a.model, sft=bool(getattr(a, "pretrained", None))))
     if a.load:  # a layout other than the saving run's is resharded on load (None: DeepSpeed's exact load)
         a.reshard = resume_plan(a.load, config, dims.dp, dims.tp, dims.ep, ds_config)

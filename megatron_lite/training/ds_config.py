@@ -34,12 +34,12 @@ def load_ds_config(path: str) -> dict:
 def resolve_ds_config(cfg: dict, dp: int, *, micro_batch_size=None, grad_accum=None, global_batch_size=None,
                       lr=None, min_lr=None, weight_decay=None, grad_clip=None, warmup_iters=None,
                       train_iters: int = 1, optimizer=None, muon_lr=None, lr_decay_style=None,
-                      wsd_decay_frac=None, recipe: Recipe = FALLBACK) -> dict:
+                      wsd_decay_frac=None, adam_beta1=None, adam_beta2=None, recipe: Recipe = FALLBACK) -> dict:
     """Apply command-line overrides (a flag beats the JSON; a JSON value of "auto", or none, takes the
     preset's `recipe`) and settle everything DeepSpeed cannot decide itself. Returns a new dict."""
     cfg = copy.deepcopy(cfg)
     _settle_batch(cfg, dp, micro_batch_size, grad_accum, global_batch_size)
-    _settle_optimizer(cfg, recipe, optimizer, lr, muon_lr, weight_decay, grad_clip)
+    _settle_optimizer(cfg, recipe, optimizer, lr, muon_lr, weight_decay, grad_clip, (adam_beta1, adam_beta2))
     _settle_schedule(cfg, recipe, train_iters, warmup_iters, min_lr, lr_decay_style, wsd_decay_frac)
     _settle_precision(cfg)
     cfg.setdefault("steps_per_print", 10**9)  # our monitor prints; DeepSpeed's own progress lines are noise
@@ -94,7 +94,7 @@ def _pick(flag, d: dict, key: str, default):
     return default if v is None else v
 
 
-def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_decay, grad_clip) -> None:
+def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_decay, grad_clip, betas) -> None:
     opt = cfg.setdefault("optimizer", {})
     name = str(_pick(optimizer, opt, "type", recipe.optimizer)).lower()
     if name not in OPTIMIZER_TYPES:
@@ -104,6 +104,7 @@ def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_
     params = opt.setdefault("params", {})
     params["lr"] = float(_pick(lr, params, "lr", recipe.lr))
     params["weight_decay"] = float(_pick(weight_decay, params, "weight_decay", recipe.weight_decay))
+    params["betas"] = _settle_betas(params, recipe, betas)
     if opt["type"] == "Muon":
         # DeepSpeed's Muon reads `muon_lr` for its matrices and `lr` for its AdamW side
         params["muon_lr"] = float(_pick(muon_lr, params, "muon_lr", recipe.muon_lr))
@@ -117,6 +118,19 @@ def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_
             params.pop(key, None)
     if grad_clip is not None:
         cfg["gradient_clipping"] = grad_clip
+
+
+def _settle_betas(params: dict, recipe: Recipe, flags: tuple) -> list[float]:
+    """AdamW's [beta1, beta2]: each flag (--adam-beta1/2) beats the JSON's `betas`, which beats the recipe."""
+    given = _given(params, "betas")
+    if given is not None and (not isinstance(given, (list, tuple)) or len(given) != 2):
+        raise UserError(f"ds_config optimizer betas {given!r} must be a list of two numbers (or \"auto\")")
+    json_or_recipe = given or (recipe.adam_beta1, recipe.adam_beta2)
+    betas = [float(f if f is not None else b) for f, b in zip(flags, json_or_recipe)]
+    for name, b in zip(("--adam-beta1", "--adam-beta2"), betas):
+        if not 0.0 <= b < 1.0:
+            raise UserError(f"{name} {b} must be in [0, 1)")
+    return betas
 
 
 def _settle_schedule(cfg: dict, recipe: Recipe, train_iters: int, warmup_iters, min_lr, decay_style,

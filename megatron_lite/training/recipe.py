@@ -3,7 +3,7 @@ sets the optimizer, learning rates, warmup, decay or weight decay, and how pretr
 
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
 table (the shipped ds_configs leave these entries "auto"). The tiny values are measured (benchmarks/results.md,
-"Training recipe at the main job's full budget" and "Batch size, lr and zero-init"); the larger presets' follow
+"Training recipe at the main job's full budget", "Batch size, lr and zero-init" and "Adam beta2"); the larger presets' follow
 the usual scaling (a lower peak lr for wider models, and always a warmup: a wide model at a small model's lr with
 no warmup diverges in its first steps) and keep cosine until measured.
 """
@@ -25,6 +25,8 @@ class Recipe:
     decay_style: str = "cosine"
     wsd_decay_frac: float = 0.2  # WSD: the linear decay takes this last fraction of --train-iters
     weight_decay: float = 0.1
+    adam_beta1: float = 0.9  # AdamW's (and Muon's AdamW side's) moment decay rates
+    adam_beta2: float = 0.95
     zero_init_output: bool = False  # pretraining starts with every residual-stream output projection at 0
 
 
@@ -38,7 +40,7 @@ FALLBACK = Recipe()
 
 RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(optimizer="adamw", lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
-                   zero_init_output=True),
+                   zero_init_output=True, adam_beta2=0.99),
     "tiny-moe": Recipe(optimizer="adamw", lr=2e-3, warmup_frac=0.05),
     "small": Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05),
     "mini-llm": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
