@@ -134,7 +134,7 @@ def test_sft_runs_on_its_own_recipe_and_the_main_job_on_the_recipes():
     from megatron_lite.config import get_preset
     from megatron_lite.training.cli import build_parser, plan_parallel
 
-    for kind, model, iters, lr, warmup in (("pretrain", "tiny", 520, 1.5e-3, 26), ("pretrain", "tiny-moe", 260, 2e-3, 13),
+    for kind, model, iters, lr, warmup in (("pretrain", "tiny", 520, 1.5e-3, 26), ("pretrain", "tiny-moe", 260, 1.5e-3, 13),
                                            ("pretrain", "small", 100, 1e-3, 5), ("sft", "small", 250, 1e-3, 12)):
         args = ["--train-iters", str(iters), "--data-path", "x", "--micro-batch-size", "2"]
         args += ["--model", model] if kind == "pretrain" else ["--pretrained", "p"]
@@ -142,8 +142,10 @@ def test_sft_runs_on_its_own_recipe_and_the_main_job_on_the_recipes():
         _, cfg, _ = plan_parallel(a, get_preset(model), load_ds_config(ZERO2))
         assert cfg["optimizer"]["params"]["lr"] == lr, (kind, model)
         assert cfg["scheduler"]["params"]["warmup_num_steps"] == warmup, (kind, model)
-        if kind == "pretrain":  # tiny's recipe starts every output projection at 0; a flag turns it off
-            assert recipe_value(a.zero_init_output, a.model, "zero_init_output") == (model == "tiny")
+        assert cfg["optimizer"]["params"]["betas"] == [0.9, 0.99 if model.startswith("tiny") and kind == "pretrain"
+                                                       else 0.95], (kind, model)
+        if kind == "pretrain":  # the tiny recipes start every output projection at 0; a flag turns it off
+            assert recipe_value(a.zero_init_output, a.model, "zero_init_output") == model.startswith("tiny")
             off = build_parser(kind).parse_args(args + ["--no-zero-init-output"])
             assert recipe_value(off.zero_init_output, off.model, "zero_init_output") is False
 

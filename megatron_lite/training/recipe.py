@@ -2,8 +2,9 @@
 sets the optimizer, learning rates, warmup, decay or weight decay, and how pretraining initialises.
 
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
-table (the shipped ds_configs leave these entries "auto"). The tiny values are measured (benchmarks/results.md,
-"Training recipe at the main job's full budget", "Batch size, lr and zero-init" and "Adam beta2"); the larger presets' follow
+table (the shipped ds_configs leave these entries "auto"). The tiny and tiny-moe values are measured
+(benchmarks/results.md, "Training recipe at the main job's full budget", "Batch size, lr and zero-init" and "Adam
+beta2"); the larger presets' follow
 the usual scaling (a lower peak lr for wider models, and always a warmup: a wide model at a small model's lr with
 no warmup diverges in its first steps) and keep cosine until measured.
 """
@@ -41,7 +42,8 @@ FALLBACK = Recipe()
 RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(optimizer="adamw", lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
                    zero_init_output=True, adam_beta2=0.99),
-    "tiny-moe": Recipe(optimizer="adamw", lr=2e-3, warmup_frac=0.05),
+    "tiny-moe": Recipe(optimizer="adamw", lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
+                       zero_init_output=True, adam_beta2=0.99),
     "small": Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05),
     "mini-llm": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
     "mini-moe": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
