@@ -113,7 +113,7 @@ def test_muon_keeps_zero_and_bad_combinations_are_one_line_errors():
                             (dict(lr_decay_style="cosine", wsd_decay_frac=0.2), "needs --lr-decay-style wsd"),
                             (dict(lr_decay_style="wsd", wsd_decay_frac=1.5), "must be in \\[0, 1\\]"),
                             (dict(cfg={**base, "optimizer": {"type": "SGD"}}), "optimizer type 'SGD'"),
-                            (dict(adam_beta2=1.0), "--adam-beta2 1.0 must be in \\[0, 1\\)"),
+                            (dict(adam_beta2=1.0), "Adam beta2 1.0 .* must be in \\[0, 1\\)"),
                             (dict(cfg={**base, "optimizer": {"params": {"betas": [0.9]}}}), "betas \\[0.9\\] must be"),
                             (dict(cfg={**base, "scheduler": {"type": "OneCycle"}}), "scheduler type 'OneCycle'")):
         with pytest.raises(UserError, match=message):

@@ -122,7 +122,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="AdamW's first-moment decay (default: the ds_config's betas, or the recipe's 0.9)")
     g.add_argument("--adam-beta2", type=float, default=None,
                    help="AdamW's second-moment decay (default: the ds_config's betas, or the recipe's: 0.99 for "
-                        "tiny, 0.95 otherwise)")
+                        "tiny and tiny-moe, 0.95 otherwise)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0 = off)")
     if kind == "pretrain":
         g.add_argument("--zero-init-output", action=argparse.BooleanOptionalAction, default=None,

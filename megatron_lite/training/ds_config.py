@@ -127,9 +127,9 @@ def _settle_betas(params: dict, recipe: Recipe, flags: tuple) -> list[float]:
         raise UserError(f"ds_config optimizer betas {given!r} must be a list of two numbers (or \"auto\")")
     json_or_recipe = given or (recipe.adam_beta1, recipe.adam_beta2)
     betas = [float(f if f is not None else b) for f, b in zip(flags, json_or_recipe)]
-    for name, b in zip(("--adam-beta1", "--adam-beta2"), betas):
+    for i, b in enumerate(betas, 1):
         if not 0.0 <= b < 1.0:
-            raise UserError(f"{name} {b} must be in [0, 1)")
+            raise UserError(f"Adam beta{i} {b} (--adam-beta{i} or the ds_config's betas) must be in [0, 1)")
     return betas
 
 

@@ -1,12 +1,11 @@
 """Per-preset training recipe: what `launch/pretrain.py --model NAME` uses when neither a flag nor the ds_config
-sets the optimizer, learning rates, warmup, decay or weight decay, and how pretraining initialises.
+sets the optimizer, learning rates, warmup, decay, weight decay or Adam betas, and how pretraining initialises.
 
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
 table (the shipped ds_configs leave these entries "auto"). The tiny and tiny-moe values are measured
 (benchmarks/results.md, "Training recipe at the main job's full budget", "Batch size, lr and zero-init" and "Adam
-beta2"); the larger presets' follow
-the usual scaling (a lower peak lr for wider models, and always a warmup: a wide model at a small model's lr with
-no warmup diverges in its first steps) and keep cosine until measured.
+beta2"); the larger presets' follow the usual scaling (a lower peak lr for wider models, and always a warmup: a
+wide model at a small model's lr with no warmup diverges in its first steps) and keep cosine until measured.
 """
 from __future__ import annotations
 
