@@ -127,8 +127,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     if kind == "pretrain":
         g.add_argument("--zero-init-output", action=argparse.BooleanOptionalAction, default=None,
                        help="start every residual-stream output projection (attention o_proj, FFN / expert "
-                            "down_proj) at zero instead of N(0, std / sqrt(2 x layers)) (recipe: on for tiny, off for "
-                            "the other presets)")
+                            "down_proj) at zero instead of N(0, std / sqrt(2 x layers)) (recipe: on for tiny and "
+                            "tiny-moe, off for the other presets)")
     g.add_argument("--seed", type=int, default=1234, help="seed for init, data order, dropout and router noise")
 
     g = p.add_argument_group("parallelism")
