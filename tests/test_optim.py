@@ -75,25 +75,29 @@ def test_flags_beat_json_beat_recipe():
     assert lr_settings(cfg)["max_lr"] == tiny.lr and lr_settings(cfg)["warmup_iters"] == tiny.warmup_iters(200)
     assert lr_settings(cfg)["style"] == tiny.decay_style
     assert cfg["optimizer"]["params"]["betas"] == [tiny.adam_beta1, tiny.adam_beta2] == [0.9, 0.99]
+    assert cfg["gradient_clipping"] == tiny.grad_clip == 1.0
     mine = Recipe(optimizer="muon", lr=3e-3, muon_lr=0.05, min_lr_ratio=0.0, warmup_frac=0.1, decay_style="wsd",
                   wsd_decay_frac=0.25, weight_decay=0.0)
     cfg = resolve_ds_config(base, dp=2, micro_batch_size=2, train_iters=100, recipe=mine)
     assert cfg["optimizer"] == {"type": "Muon", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
                                                            "weight_decay": 0.0, "muon_lr": 0.05}}
+    assert cfg["gradient_clipping"] == 0.0  # Muon's default: ZeRO would clip its orthogonalised updates
     assert lr_settings(cfg) == dict(max_lr=3e-3, min_lr=0.0, warmup_iters=10, decay_iters=100, style="wsd",
                                     wsd_decay_frac=0.25)
     # an explicit JSON value beats the recipe, a flag beats both
     explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 5e-4, "muon_lr": 0.1, "betas": [0.8, 0.9]}},
-                "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 3}}}
+                "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 3}}, "gradient_clipping": 0.5}
     cfg = resolve_ds_config(explicit, dp=2, micro_batch_size=2, train_iters=100, recipe=mine)
+    assert cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 5e-4, "betas": [0.8, 0.9],
                                                             "weight_decay": 0.0}}  # no Muon keys
     assert lr_settings(cfg) == dict(max_lr=5e-4, min_lr=0.0, warmup_iters=3, decay_iters=100, style="cosine",
                                     wsd_decay_frac=0.0)
     cfg = resolve_ds_config(explicit, dp=2, micro_batch_size=2, train_iters=100, recipe=mine, optimizer="muon",
                             lr=1e-3, muon_lr=0.01, warmup_iters=0, lr_decay_style="wsd", wsd_decay_frac=0.5,
-                            min_lr=1e-4, adam_beta2=0.98)
+                            min_lr=1e-4, adam_beta2=0.98, grad_clip=2.0)
     assert cfg["optimizer"]["params"] == {"lr": 1e-3, "muon_lr": 0.01, "betas": [0.8, 0.98], "weight_decay": 0.0}
+    assert cfg["gradient_clipping"] == 2.0
     assert lr_settings(cfg) == dict(max_lr=1e-3, min_lr=pytest.approx(1e-4), warmup_iters=0, decay_iters=100,
                                     style="wsd", wsd_decay_frac=0.5)
 
@@ -114,6 +118,7 @@ def test_muon_keeps_zero_and_bad_combinations_are_one_line_errors():
                             (dict(lr_decay_style="wsd", wsd_decay_frac=1.5), "must be in \\[0, 1\\]"),
                             (dict(cfg={**base, "optimizer": {"type": "SGD"}}), "optimizer type 'SGD'"),
                             (dict(adam_beta2=1.0), "Adam beta2 1.0 .* must be in \\[0, 1\\)"),
+                            (dict(grad_clip=-1.0), "gradient clipping -1.0 .* must be >= 0"),
                             (dict(cfg={**base, "optimizer": {"params": {"betas": [0.9]}}}), "betas \\[0.9\\] must be"),
                             (dict(cfg={**base, "scheduler": {"type": "OneCycle"}}), "scheduler type 'OneCycle'")):
         with pytest.raises(UserError, match=message):
@@ -194,9 +199,9 @@ def _muon_step_worker(rank: int, world: int, moe: bool) -> dict:
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    muon_lr = 0.02
+    muon_lr = 0.02  # the shipped config's clip ("auto"), which must leave Muon's step whole
     cfg = resolve_ds_config(load_ds_config(ZERO2), dims.dp, micro_batch_size=2, optimizer="muon", lr=1e-3,
-                            muon_lr=muon_lr, weight_decay=0.0, grad_clip=0.0, warmup_iters=0, train_iters=10)
+                            muon_lr=muon_lr, weight_decay=0.0, warmup_iters=0, train_iters=10)
     engine = build_engine(model, cfg, dims)
     calls = []
     real = om.muon_update

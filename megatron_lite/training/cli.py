@@ -123,7 +123,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=None,
                    help="AdamW's second-moment decay (default: the ds_config's betas, or the recipe's: 0.99 for "
                         "tiny and tiny-moe, 0.95 otherwise)")
-    g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--grad-clip", type=float, default=None,
+                   help="clip the global gradient norm at this value, 0 = off (ds_config gradient_clipping; recipe: "
+                        "1.0, with --optimizer muon 0: DeepSpeed's ZeRO clips after Muon's orthogonalisation, so any "
+                        "clip would shrink Muon's steps)")
     if kind == "pretrain":
         g.add_argument("--zero-init-output", action=argparse.BooleanOptionalAction, default=None,
                        help="start every residual-stream output projection (attention o_proj, FFN / expert "

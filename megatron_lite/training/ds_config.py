@@ -116,8 +116,19 @@ def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_
             raise UserError("--muon-lr needs --optimizer muon")
         for key in MUON_ONLY_PARAMS:  # DeepSpeed's CPU Adam (offload) takes no unknown keys
             params.pop(key, None)
-    if grad_clip is not None:
-        cfg["gradient_clipping"] = grad_clip
+    cfg["gradient_clipping"] = _settle_clip(cfg, recipe, grad_clip)
+
+
+def _settle_clip(cfg: dict, recipe: Recipe, flag) -> float:
+    """The global gradient-norm clip: the flag, else the JSON's `gradient_clipping`, else the recipe's, except
+    that Muon's default is 0 (off). DeepSpeed's ZeRO optimizer orthogonalises Muon's matrices before it takes
+    the norm, so the norm it clips covers the orthogonalised updates (about sqrt(sum of min(rows, cols)) over the
+    matrices, ~95 for `tiny`): a clip of 1.0 would shrink every Muon step by that factor."""
+    muon = cfg["optimizer"]["type"] == "Muon"
+    clip = float(_pick(flag, cfg, "gradient_clipping", 0.0 if muon else recipe.grad_clip))
+    if clip < 0:
+        raise UserError(f"gradient clipping {clip} (--grad-clip or the ds_config's gradient_clipping) must be >= 0")
+    return clip
 
 
 def _settle_betas(params: dict, recipe: Recipe, flags: tuple) -> list[float]:

@@ -1,5 +1,5 @@
 """Per-preset training recipe: what `launch/pretrain.py --model NAME` uses when neither a flag nor the ds_config
-sets the optimizer, learning rates, warmup, decay, weight decay or Adam betas, and how pretraining initialises.
+sets the optimizer, learning rates, warmup, decay, weight decay, Adam betas or gradient clipping, and how pretraining initialises.
 
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
 table (the shipped ds_configs leave these entries "auto"). The tiny and tiny-moe values are measured
@@ -25,6 +25,7 @@ class Recipe:
     decay_style: str = "cosine"
     wsd_decay_frac: float = 0.2  # WSD: the linear decay takes this last fraction of --train-iters
     weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm (0: off); Muon runs unclipped, see ds_config._settle_clip
     adam_beta1: float = 0.9  # AdamW's (and Muon's AdamW side's) moment decay rates
     adam_beta2: float = 0.95
     zero_init_output: bool = False  # pretraining starts with every residual-stream output projection at 0
