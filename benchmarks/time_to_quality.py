@@ -10,7 +10,7 @@
 2. Each recipe trains in its own subprocess on the same samples in the same order:
      ours-default       launch/pretrain.py --model tiny with no lr/warmup flags: what users get
      ours-previous      the recipe before 2026-12-04: --lr 2e-3 --warmup-iters iters/20, cosine to 0.1 x lr,
-                        no QK-norm, no zero-initialised output projections, Adam beta2 0.95
+                        AdamW, no QK-norm, no zero-initialised output projections, Adam beta2 0.95
      baseline-hf-llama  stock transformers LlamaForCausalLM of tiny's shapes (our converter's config), torch
                         AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), linear warmup then cosine to 10%,
                         grad clip 1.0, our training samples read through megatron_lite.data.gpt_dataset
@@ -98,7 +98,8 @@ def recipes(a) -> dict[str, list[str] | None]:
     """name -> flags added to our pretrain command (None: the baseline), in the order they run."""
     table = {"ours-default": [], "ours-previous": ["--lr", "2e-3", "--warmup-iters", str(warmup_iters(a.iters)),
                                                    "--lr-decay-style", "cosine", "--min-lr", "2e-4", "--no-qk-norm",
-                                                   "--no-zero-init-output", "--adam-beta2", "0.95"],
+                                                   "--no-zero-init-output", "--adam-beta2", "0.95",
+                                                   "--optimizer", "adamw"],
              BASELINE: None}
     for spec in a.extra:
         name, sep, flags = spec.partition("=")

@@ -60,7 +60,10 @@ def compare(tokenizer, data_path: str, work: Path, tp: int = 2, iters: int = 10,
             micro_batch_size: int = 4, seed: int = 7, model_flags: list | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    common = [*(model_flags or ["--model", "tiny"]), "--tokenizer", tokenizer, "--data-path", data_path,
+    # AdamW whatever the preset's recipe: Muon under tp orthogonalises each shard on its own (blockwise), which
+    # is a different update from tp 1's whole-matrix one, so it cannot show the layouts agree.
+    common = [*(model_flags or ["--model", "tiny"]), "--optimizer", "adamw", "--tokenizer", tokenizer,
+              "--data-path", data_path,
               "--seq-length", seq_length, "--micro-batch-size", micro_batch_size, "--train-iters", iters,
               "--log-interval", 1, "--seed", seed, "--save-interval", iters]
     single, parallel = work / "tp1", work / f"tp{tp}"

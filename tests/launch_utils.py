@@ -85,5 +85,8 @@ def build_data(d: Path, sft: bool = False) -> dict:
 
 
 def pretrain_args(data: dict, save, iters, *extra) -> list:
+    """A short run of the SMALL model. AdamW, not `tiny`'s recipe (Muon): the checkpoint, resharding and
+    failure tests check AdamW's state files and ZeRO layouts; Muon's have their own tests (test_optim,
+    test_reshard_resume). A later `--optimizer` in `extra` wins."""
     return ["--model", "tiny", *SMALL, "--tokenizer", data["tok"], "--data-path", data["pt"], "--train-iters", iters,
-            "--lr", "3e-3", "--warmup-iters", "2", "--save", save, *extra]
+            "--lr", "3e-3", "--warmup-iters", "2", "--optimizer", "adamw", "--save", save, *extra]

@@ -75,7 +75,9 @@ def test_flags_beat_json_beat_recipe():
     assert lr_settings(cfg)["max_lr"] == tiny.lr and lr_settings(cfg)["warmup_iters"] == tiny.warmup_iters(200)
     assert lr_settings(cfg)["style"] == tiny.decay_style
     assert cfg["optimizer"]["params"]["betas"] == [tiny.adam_beta1, tiny.adam_beta2] == [0.9, 0.99]
-    assert cfg["gradient_clipping"] == tiny.grad_clip == 1.0
+    assert tiny.optimizer == "muon" and cfg["gradient_clipping"] == 0.0  # Muon's default: see below
+    small = resolve_ds_config(base, dp=2, micro_batch_size=2, train_iters=200, recipe=RECIPES["small"])
+    assert small["optimizer"]["type"] == "AdamW" and small["gradient_clipping"] == RECIPES["small"].grad_clip == 1.0
     mine = Recipe(optimizer="muon", lr=3e-3, muon_lr=0.05, min_lr_ratio=0.0, warmup_frac=0.1, decay_style="wsd",
                   wsd_decay_frac=0.25, weight_decay=0.0)
     cfg = resolve_ds_config(base, dp=2, micro_batch_size=2, train_iters=100, recipe=mine)

@@ -176,7 +176,7 @@ def test_loop_passes_packed_fields_and_counts_real_tokens(data, monkeypatch):
     for _ in range(2):
         interval.add_micro_batch(out, torch.tensor(1.0), torch.tensor(0.0), True, mb.num_tokens)
     interval.steps = 2
-    metrics, _ = interval.row(loop.Progress(iteration=2, consumed_samples=16), 1e-3, None)
+    metrics, _ = interval.row(loop.Progress(iteration=2, consumed_samples=16), {"lr": 1e-3}, None)
     assert metrics["tokens_per_s"] == pytest.approx(2 * real / 2.0)
 
 

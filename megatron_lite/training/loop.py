@@ -260,8 +260,8 @@ class LogInterval:
         yield
         self.started += time.perf_counter() - t0
 
-    def row(self, p: Progress, lr: float, grad_norm) -> tuple[dict, float]:
-        """(metrics row of this log step, ETA in seconds); the next interval starts empty."""
+    def row(self, p: Progress, lrs: dict, grad_norm) -> tuple[dict, float]:
+        """(metrics row of this log step, ETA in seconds); the next interval starts empty. `lrs`: `step_lrs`."""
         s, dev, group = self.s, self.dev, self.dp_group
         # Token-free micro-batches count on no rank: sum losses and counts over dp, then divide. The same
         # reduction sums the ranks' real (non-padding) tokens, which is what tokens/s and MFU count.
@@ -274,7 +274,7 @@ class LogInterval:
         now = time.perf_counter()
         tok_s = stats[2].item() / (now - self.started)
         self.steps_timed += self.steps
-        metrics = {"step": p.iteration, "loss": loss, "lr": lr, "grad_norm": _to_float(grad_norm),
+        metrics = {"step": p.iteration, "loss": loss, **lrs, "grad_norm": _to_float(grad_norm),
                    "tokens_per_s": tok_s, "consumed_samples": p.consumed_samples, "skipped_steps": p.skipped_steps}
         for j, k in enumerate(names):
             metrics[k] = (stats[3 + j] / stats[1]).item() if stats[1] > 0 else None
@@ -291,12 +291,22 @@ class LogInterval:
         return metrics, eta
 
 
+def step_lrs(engine) -> dict:
+    """The learning rates the next update uses (the scheduler advances inside step()): `lr`, AdamW's (with Muon,
+    its AdamW side's, as --lr sets it), and with Muon `muon_lr` too."""
+    groups = engine.optimizer.param_groups
+    adam = next((g for g in groups if not g.get("use_muon")), groups[0])
+    muon = next((g for g in groups if g.get("use_muon")), None)
+    return {"lr": adam["lr"], **({"muon_lr": muon["lr"]} if muon is not None else {})}
+
+
 def train_step(engine, dataset, s: TrainSettings, p: Progress, interval: LogInterval,
-               nan_at_steps: frozenset[int], objective=lm_objective) -> tuple[float, bool]:
+               nan_at_steps: frozenset[int], objective=lm_objective) -> tuple[dict, bool]:
     """Optimizer step p.iteration + 1: grad_accum micro-batches forward and backward, then the update.
-    Returns the learning rate the update used and whether it was skipped (non-finite loss or gradients)."""
+    Returns the learning rates the update used (`step_lrs`) and whether it was skipped (non-finite loss or
+    gradients)."""
     seed_step(s.seed, s.dp_rank, p.iteration)
-    lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances inside step())
+    lrs = step_lrs(engine)
     ds_skipped_before = engine.skipped_steps
     guard = nonfinite_guard(engine)
     if guard is not None:
@@ -320,7 +330,7 @@ def train_step(engine, dataset, s: TrainSettings, p: Progress, interval: LogInte
     interval.steps += 1
     # Both verdicts are already agreed over ranks (all-reduced), so every rank takes the same branch.
     skipped = engine.skipped_steps > ds_skipped_before or (guard is not None and guard.last_skipped)
-    return lr, skipped
+    return lrs, skipped
 
 
 def is_log_step(it: int, s: TrainSettings) -> bool:
@@ -393,14 +403,14 @@ def train(engine, config: ModelConfig, train_ds, valid_ds, s: TrainSettings, mon
         monitor.print(f"saved checkpoint {s.save_dir}/{tag}")
 
     while p.iteration < s.train_iters:
-        lr, skipped = train_step(engine, train_ds, s, p, interval, faults.nan_at_steps, objective)
+        lrs, skipped = train_step(engine, train_ds, s, p, interval, faults.nan_at_steps, objective)
         p.advance(s.global_batch, skipped)
         monitor.advance()
         if skipped:
             monitor.print(f"step {p.iteration}: non-finite loss or gradients, update skipped "
                           f"({p.bad_streak} in a row, {p.skipped_steps} in total)")
 
-        metrics, eta = (interval.row(p, lr, engine.get_global_grad_norm()) if is_log_step(p.iteration, s)
+        metrics, eta = (interval.row(p, lrs, engine.get_global_grad_norm()) if is_log_step(p.iteration, s)
                         else (None, None))
         metrics = maybe_eval(engine, valid_ds, s, dp_group, p.iteration, metrics, interval, objective)
         if metrics is not None:

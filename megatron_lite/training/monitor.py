@@ -90,7 +90,7 @@ class Monitor:
         step = metrics["step"]
         parts = [f"step {step}"]
         for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("eval_ppl", ".2f"), ("reward_margin", ".4f"),
-                         ("reward_accuracy", ".1%"), ("eval_reward_margin", ".4f"), ("lr", ".3e"),
+                         ("reward_accuracy", ".1%"), ("eval_reward_margin", ".4f"), ("lr", ".3e"), ("muon_lr", ".3e"),
                          ("grad_norm", ".3f"), ("aux_loss", ".4f"), ("tokens_per_s", ",.0f"), ("mfu", ".1%")):
             v = metrics.get(key)
             if v is not None:

@@ -1,11 +1,13 @@
 """Per-preset training recipe: what `launch/pretrain.py --model NAME` uses when neither a flag nor the ds_config
-sets the optimizer, learning rates, warmup, decay, weight decay, Adam betas or gradient clipping, and how pretraining initialises.
+sets the optimizer, learning rates, warmup, decay, weight decay, Adam betas or gradient clipping, and how
+pretraining initialises.
 
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
 table (the shipped ds_configs leave these entries "auto"). The tiny and tiny-moe values are measured
-(benchmarks/results.md, "Training recipe at the main job's full budget", "Batch size, lr and zero-init" and "Adam
-beta2"); the larger presets' follow the usual scaling (a lower peak lr for wider models, and always a warmup: a
-wide model at a small model's lr with no warmup diverges in its first steps) and keep cosine until measured.
+(benchmarks/results.md, "Training recipe at the main job's full budget", "Batch size, lr and zero-init",
+"Adam beta2" and "Muon, unclipped"); the larger presets' follow the usual scaling (a lower peak lr for wider
+models, and always a warmup: a wide model at a small model's lr with no warmup diverges in its first steps) and
+keep AdamW and cosine until measured.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class Recipe:
 FALLBACK = Recipe()
 
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe(optimizer="adamw", lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
+    "tiny": Recipe(optimizer="muon", muon_lr=0.01, lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
                    zero_init_output=True, adam_beta2=0.99),
     "tiny-moe": Recipe(optimizer="adamw", lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
                        zero_init_output=True, adam_beta2=0.99),
