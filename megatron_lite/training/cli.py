@@ -34,7 +34,7 @@ from megatron_lite.training.lora import (add_lora_args, apply_lora, prepare_lora
 from megatron_lite.training.memory import check_memory_fits
 from megatron_lite.training.monitor import Monitor
 from megatron_lite.training.rank_agreement import agree_at_start, launched_with_peers
-from megatron_lite.training.recipe import DECAY_STYLES, OPTIMIZERS, recipe_for, recipe_value
+from megatron_lite.training.recipe import DECAY_STYLES, FALLBACK, OPTIMIZERS, RECIPES, recipe_for, recipe_value
 from megatron_lite.training.rng import set_rng_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,11 +102,12 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="adamw: torch AdamW; muon: DeepSpeed's Muon (MuonWithAuxAdam) on the hidden matrices and "
                         "AdamW on embeddings, norms, router and head, always under ZeRO stage >= 1 (ds_config "
-                        "optimizer.type AdamW / Muon)")
+                        "optimizer.type AdamW / Muon; recipe: muon for tiny, adamw for the other presets and SFT)")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of AdamW; with --optimizer muon, of its AdamW side (optimizer.params.lr)")
     g.add_argument("--muon-lr", type=float, default=None,
-                   help="peak learning rate of Muon's matrices (optimizer.params.muon_lr; --optimizer muon only)")
+                   help="peak learning rate of Muon's matrices (optimizer.params.muon_lr; --optimizer muon only; "
+                        f"recipe: {RECIPES['tiny'].muon_lr} for tiny, else {FALLBACK.muon_lr})")
     g.add_argument("--min-lr", type=float, default=None,
                    help="floor of the decay (recipe: 0.1 x lr); Muon's matrices decay to the same fraction of "
                         "--muon-lr")

@@ -42,7 +42,7 @@ class Recipe:
 FALLBACK = Recipe()
 
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe(optimizer="muon", muon_lr=0.01, lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
+    "tiny": Recipe(optimizer="muon", muon_lr=0.0025, lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
                    zero_init_output=True, adam_beta2=0.99),
     "tiny-moe": Recipe(optimizer="adamw", lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
                        zero_init_output=True, adam_beta2=0.99),
