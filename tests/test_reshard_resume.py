@@ -124,8 +124,8 @@ def test_broken_universal_folder_is_one_line(dense, data, tmp_path):
     uni = tmp_path / "uni"
     convert_to_universal(dense, uni)
     args = [*SMALL, "--tokenizer", str(data["tok"]), "--data-path", data["pt"], "--train-iters", "30",
-            "--lr", "3e-3", "--warmup-iters", "2", "--optimizer", "adamw", "--micro-batch-size", "2", "--grad-accum", "2",
-            "--load", str(uni)]
+            "--lr", "3e-3", "--warmup-iters", "2", "--optimizer", "adamw", "--micro-batch-size", "2",
+            "--grad-accum", "2", "--load", str(uni)]
     # Mismatched: a tensor file (sizes listed right) without one of the model's weights.
     from safetensors.torch import load_file, save_file
 

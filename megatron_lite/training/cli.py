@@ -102,7 +102,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="adamw: torch AdamW; muon: DeepSpeed's Muon (MuonWithAuxAdam) on the hidden matrices and "
                         "AdamW on embeddings, norms, router and head, always under ZeRO stage >= 1 (ds_config "
-                        "optimizer.type AdamW / Muon; recipe: muon for tiny, adamw for the other presets and SFT)")
+                        "optimizer.type AdamW / Muon; recipe: muon for "
+                        f"{', '.join(n for n, r in RECIPES.items() if r.optimizer == 'muon')}, adamw otherwise)")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of AdamW; with --optimizer muon, of its AdamW side (optimizer.params.lr)")
     g.add_argument("--muon-lr", type=float, default=None,
