@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to quality: held-out loss of training recipes on the same token budget, against a plain PyTorch baseline.
 
-    python benchmarks/time_to_quality.py                      # 520 x 8 x 256 tokens (the main job runs 420 steps)
+    python benchmarks/time_to_quality.py                      # the main job's budget: 320 x 8 x 256 tokens
     python benchmarks/time_to_quality.py --quick              # 30 steps on 1 MB: a few minutes
     python benchmarks/time_to_quality.py --extra wsd="--warmup-iters 13 --min-lr 0" --recipes ours-default
 
@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROG = "benchmarks/time_to_quality.py"
 BASELINE = "baseline-hf-llama"
 BUILTIN = ("ours-default", "ours-previous", BASELINE)
+MAIN_JOB_ITERS = 320  # launch/main_job.py's --pretrain-iters: the budget the recipe is tuned for
 
 
 def parse_args(argv=None):
@@ -63,8 +64,8 @@ def parse_args(argv=None):
                    help='an extra recipe: launch/pretrain.py --model tiny plus FLAGS, e.g. '
                         'lr3e-3="--lr 3e-3 --warmup-iters 13" (repeatable)')
     p.add_argument("--iters", type=int, default=None,
-                   help="optimizer steps per recipe (default 520, the budget of every recipe round; the main job "
-                        "now runs 420; quick 30)")
+                   help=f"optimizer steps per recipe (default {MAIN_JOB_ITERS}, the main job's --pretrain-iters; "
+                        "earlier recipe rounds ran 520; quick 30)")
     p.add_argument("--global-batch-size", type=int, default=8, help="samples per optimizer step (default 8)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward, per rank (default 4)")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per sample and per eval window (default 256)")
@@ -90,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smaller budget: 30 steps on 1 MB of text")
     p.add_argument("--_baseline", metavar="SPEC", default=None, help=argparse.SUPPRESS)  # the baseline subprocess
     a = p.parse_args(argv)
-    a.iters = a.iters or (30 if a.quick else 520)
+    a.iters = a.iters or (30 if a.quick else MAIN_JOB_ITERS)
     a.corpus_mb = a.corpus_mb or (1.0 if a.quick else 8.0)
     return a
 

@@ -133,3 +133,18 @@ def test_time_to_quality_scores_our_export_as_launch_eval_does(tmp_path):
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         "benchmarks/time_to_quality.py: error: unknown recipe 'muon'; choose from ours-default, ours-previous, "
         "baseline-hf-llama"]
+
+
+def test_time_to_quality_defaults_to_the_main_jobs_budget():
+    """The recipe is tuned with time_to_quality's default budget, so that budget must be the main job's."""
+    import importlib.util
+
+    def load(path):
+        spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    ttq, job = load("benchmarks/time_to_quality.py").parse_args([]), load("launch/main_job.py").parse_args([])
+    assert ttq.iters == job.pretrain_iters
+    assert ttq.global_batch_size == job.micro_batch_size * job.nproc and ttq.seq_length == job.seq_length

@@ -141,7 +141,7 @@ def test_sft_runs_on_its_own_recipe_and_the_main_job_on_the_recipes():
     from megatron_lite.config import get_preset
     from megatron_lite.training.cli import build_parser, plan_parallel
 
-    for kind, model, iters, lr, warmup in (("pretrain", "tiny", 520, 1.5e-3, 26), ("pretrain", "tiny-moe", 260, 1.5e-3, 13),
+    for kind, model, iters, lr, warmup in (("pretrain", "tiny", 520, 2e-3, 26), ("pretrain", "tiny-moe", 260, 2e-3, 13),
                                            ("pretrain", "small", 100, 1e-3, 5), ("sft", "small", 250, 1e-3, 12)):
         args = ["--train-iters", str(iters), "--data-path", "x", "--micro-batch-size", "2"]
         args += ["--model", model] if kind == "pretrain" else ["--pretrained", "p"]

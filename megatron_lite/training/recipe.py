@@ -5,9 +5,10 @@ pretraining initialises.
 Precedence, most specific first: a command-line flag, then an explicit value in the ds_config JSON, then this
 table (the shipped ds_configs leave these entries "auto"). The tiny and tiny-moe values are measured
 (benchmarks/results.md, "Training recipe at the main job's full budget", "Batch size, lr and zero-init",
-"Adam beta2" and "Muon, unclipped"); the larger presets' follow the usual scaling (a lower peak lr for wider
-models, and always a warmup: a wide model at a small model's lr with no warmup diverges in its first steps) and
-keep AdamW and cosine until measured.
+"Adam beta2", "Muon, unclipped" and "A 0.6x main job"; tiny's lrs at the main job's budget, which
+benchmarks/time_to_quality.py defaults to); the larger presets' follow the usual scaling (a lower peak lr for
+wider models, and always a warmup: a wide model at a small model's lr with no warmup diverges in its first steps)
+and keep AdamW and cosine until measured.
 """
 from __future__ import annotations
 
@@ -42,10 +43,10 @@ class Recipe:
 FALLBACK = Recipe()
 
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe(optimizer="muon", muon_lr=0.0025, lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
+    "tiny": Recipe(optimizer="muon", muon_lr=0.005, lr=2e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
                    zero_init_output=True, adam_beta2=0.99),
-    "tiny-moe": Recipe(optimizer="adamw", lr=1.5e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
-                       zero_init_output=True, adam_beta2=0.99),
+    "tiny-moe": Recipe(optimizer="muon", muon_lr=0.005, lr=2e-3, warmup_frac=0.05, decay_style="wsd",
+                       min_lr_ratio=0.0, zero_init_output=True, adam_beta2=0.99),
     "small": Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05),
     "mini-llm": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
     "mini-moe": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
