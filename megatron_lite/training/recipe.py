@@ -42,11 +42,13 @@ class Recipe:
 # the shipped ds_configs held before they became "auto".
 FALLBACK = Recipe()
 
+# tiny and tiny-moe share one recipe (Muon on the experts' matrices too, the router on AdamW).
+_TINY = Recipe(optimizer="muon", muon_lr=0.005, lr=2e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
+               zero_init_output=True, adam_beta2=0.99)
+
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe(optimizer="muon", muon_lr=0.005, lr=2e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
-                   zero_init_output=True, adam_beta2=0.99),
-    "tiny-moe": Recipe(optimizer="muon", muon_lr=0.005, lr=2e-3, warmup_frac=0.05, decay_style="wsd",
-                       min_lr_ratio=0.0, zero_init_output=True, adam_beta2=0.99),
+    "tiny": _TINY,
+    "tiny-moe": _TINY,
     "small": Recipe(optimizer="adamw", lr=1e-3, warmup_frac=0.05),
     "mini-llm": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
     "mini-moe": Recipe(optimizer="adamw", lr=3e-4, warmup_frac=0.05),
