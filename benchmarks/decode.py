@@ -124,12 +124,15 @@ def rates(t: dict, side: str, B: int, prefill_len: int, n: int) -> tuple[dict, d
 
 def decode_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
     """Every weight matrix a decode step multiplies by, as (in, out), in the decode layout: fused q/k/v and
-    gate/up where fused, the tied embedding once (as the head)."""
+    gate/up where fused, and the head (a tied embedding once, as the head; an untied input embedding is a row
+    lookup, not a product)."""
     fused = [t for m in model.modules() for t in (getattr(m, "qkv_t", None), getattr(m, "gate_up_t", None))
              if t is not None]
-    shared = {t.untyped_storage().data_ptr() for t in fused}
+    skip = {t.untyped_storage().data_ptr() for t in fused}
+    skip |= {m.weight.untyped_storage().data_ptr() for m in model.modules()
+             if isinstance(m, torch.nn.Embedding) and m.weight is not model.output_weight()}
     return fused + [p.detach().t() for p in model.parameters()
-                    if p.dim() == 2 and p.untyped_storage().data_ptr() not in shared]
+                    if p.dim() == 2 and p.untyped_storage().data_ptr() not in skip]
 
 
 def weight_matmuls(model: torch.nn.Module, batch: int, steps: int):

@@ -10,8 +10,10 @@
 2. Each recipe trains in its own subprocess on the same samples in the same order:
      ours-default       launch/pretrain.py --model tiny with no lr/warmup flags: what users get
      ours-previous      the recipe before 2026-12-04: --lr 2e-3 --warmup-iters iters/20, cosine to 0.1 x lr,
-                        AdamW, no QK-norm, no zero-initialised output projections, Adam beta2 0.95
-     baseline-hf-llama  stock transformers LlamaForCausalLM of tiny's shapes (our converter's config), torch
+                        AdamW, no QK-norm, no zero-initialised output projections, Adam beta2 0.95, a tied head
+                        (its parameter count is tiny's less the output head)
+     baseline-hf-llama  stock transformers LlamaForCausalLM of tiny's shapes (our converter's config: its own
+                        output head, so the parameter count of ours-default less the QK-norm weights), torch
                         AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), linear warmup then cosine to 10%,
                         grad clip 1.0, our training samples read through megatron_lite.data.gpt_dataset
      NAME (--extra)     launch/pretrain.py --model tiny plus the given flags
@@ -101,7 +103,8 @@ def recipes(a) -> dict[str, list[str] | None]:
     table = {"ours-default": [], "ours-previous": ["--lr", "2e-3", "--warmup-iters", str(warmup_iters(a.iters)),
                                                    "--lr-decay-style", "cosine", "--min-lr", "2e-4", "--no-qk-norm",
                                                    "--no-zero-init-output", "--adam-beta2", "0.95",
-                                                   "--optimizer", "adamw"],
+                                                   "--optimizer", "adamw", "--tie-embeddings", "--embedding-lr",
+                                                   "2e-3"],
              BASELINE: None}
     for spec in a.extra:
         name, sep, flags = spec.partition("=")

@@ -133,12 +133,13 @@ def pad_vocab_size(n: int, multiple: int = 64) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-# Named presets. Parameter counts (tied embeddings): tiny ~5M, small ~25M, mini-llm ~171M, mini-moe ~876M total.
+# Named presets. Parameter counts: tiny ~6.7M and tiny-moe ~8.8M total (each with its own output head), small ~25M,
+# mini-llm ~171M, mini-moe ~876M total (tied embeddings).
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=6400, num_layers=5, hidden_size=256, num_heads=8, num_kv_heads=4,
-                 ffn_hidden_size=640, max_seq_len=512, qk_norm=True),
+                 ffn_hidden_size=640, max_seq_len=512, qk_norm=True, tie_embeddings=False),
     "tiny-moe": dict(vocab_size=6400, num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4,
-                     ffn_hidden_size=384, max_seq_len=512, num_experts=4, topk=2),
+                     ffn_hidden_size=384, max_seq_len=512, num_experts=4, topk=2, tie_embeddings=False),
     "small": dict(vocab_size=8192, num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=4,
                   ffn_hidden_size=1216, max_seq_len=1024),
     "mini-llm": dict(vocab_size=32000, num_layers=12, hidden_size=1024, num_heads=16, num_kv_heads=8,

@@ -79,19 +79,23 @@ def test_decode_benchmark_rows_and_same_tokens(tmp_path):
 
 
 def test_decode_floor_reads_every_weight_once():
-    """The floor's matrices hold exactly the model's weights: the decode layout's fused blocks replace their
-    parts, and the tied embedding is read once, as the head."""
+    """The floor's matrices hold exactly the model's weights that a decode step multiplies by: the decode
+    layout's fused blocks replace their parts, a tied embedding is read once, as the head, and an untied input
+    embedding (a row lookup) not at all."""
     from benchmarks.decode import decode_matrices
     from megatron_lite.config import get_preset
     from megatron_lite.inference.fast_decode import use_decode_layout
     from megatron_lite.model.gpt import GPT
 
-    model = use_decode_layout(GPT(get_preset("tiny")).eval())
-    mats = decode_matrices(model)
-    assert sum(m.numel() for m in mats) == sum(p.numel() for p in model.parameters() if p.dim() == 2)
-    layer = model.layers[0]
-    assert mats[0] is layer.self_attn.qkv_t and mats[1] is layer.mlp.gate_up_t  # fused, so read in one product
-    assert len(mats) == 4 * len(model.layers) + 1  # qkv, gate_up, o_proj, down_proj per layer; the head
+    for tie in (True, False):
+        model = use_decode_layout(GPT(get_preset("tiny", tie_embeddings=tie)).eval())
+        mats = decode_matrices(model)
+        lookup = 0 if tie else model.embed_tokens.weight.numel()
+        assert sum(m.numel() for m in mats) == sum(p.numel() for p in model.parameters() if p.dim() == 2) - lookup
+        layer = model.layers[0]
+        assert mats[0] is layer.self_attn.qkv_t and mats[1] is layer.mlp.gate_up_t  # fused: read in one product
+        assert len(mats) == 4 * len(model.layers) + 1  # qkv, gate_up, o_proj, down_proj per layer; the head
+        assert any(m.data_ptr() == model.output_weight().data_ptr() for m in mats)
 
 
 def test_time_to_quality_scores_our_export_as_launch_eval_does(tmp_path):

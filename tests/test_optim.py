@@ -82,12 +82,14 @@ def test_flags_beat_json_beat_recipe():
                   wsd_decay_frac=0.25, weight_decay=0.0)
     cfg = resolve_ds_config(base, dp=2, micro_batch_size=2, train_iters=100, recipe=mine)
     assert cfg["optimizer"] == {"type": "Muon", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                           "weight_decay": 0.0, "muon_lr": 0.05}}
+                                                           "weight_decay": 0.0, "muon_lr": 0.05,
+                                                           "ns_method": "standard"}}  # "auto" on a CPU
     assert cfg["gradient_clipping"] == 0.0  # Muon's default: ZeRO would clip its orthogonalised updates
     assert lr_settings(cfg) == dict(max_lr=3e-3, min_lr=0.0, warmup_iters=10, decay_iters=100, style="wsd",
                                     wsd_decay_frac=0.25)
     # an explicit JSON value beats the recipe, a flag beats both
-    explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 5e-4, "muon_lr": 0.1, "betas": [0.8, 0.9]}},
+    explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 5e-4, "muon_lr": 0.1, "betas": [0.8, 0.9],
+                                                                  "ns_method": "gram"}},
                 "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 3}}, "gradient_clipping": 0.5}
     cfg = resolve_ds_config(explicit, dp=2, micro_batch_size=2, train_iters=100, recipe=mine)
     assert cfg["gradient_clipping"] == 0.5
@@ -98,10 +100,46 @@ def test_flags_beat_json_beat_recipe():
     cfg = resolve_ds_config(explicit, dp=2, micro_batch_size=2, train_iters=100, recipe=mine, optimizer="muon",
                             lr=1e-3, muon_lr=0.01, warmup_iters=0, lr_decay_style="wsd", wsd_decay_frac=0.5,
                             min_lr=1e-4, adam_beta2=0.98, grad_clip=2.0)
-    assert cfg["optimizer"]["params"] == {"lr": 1e-3, "muon_lr": 0.01, "betas": [0.8, 0.98], "weight_decay": 0.0}
+    assert cfg["optimizer"]["params"] == {"lr": 1e-3, "muon_lr": 0.01, "betas": [0.8, 0.98], "weight_decay": 0.0,
+                                          "ns_method": "gram"}
     assert cfg["gradient_clipping"] == 2.0
     assert lr_settings(cfg) == dict(max_lr=1e-3, min_lr=pytest.approx(1e-4), warmup_iters=0, decay_iters=100,
                                     style="wsd", wsd_decay_frac=0.5)
+
+
+def test_embedding_lr_flag_beats_json_beats_recipe_and_reaches_its_group_only():
+    from megatron_lite.config import get_preset
+    from megatron_lite.model.gpt import GPT
+    from megatron_lite.training.engine import param_groups
+
+    base = load_ds_config(ZERO2)
+    tiny = RECIPES["tiny"]
+    assert tiny.embedding_lr is not None and tiny.embedding_lr > tiny.lr
+    params = lambda cfg, **kw: resolve_ds_config(cfg, dp=1, micro_batch_size=2, **kw)["optimizer"]["params"]
+    assert params(base, recipe=tiny)["embedding_lr"] == tiny.embedding_lr
+    assert "embedding_lr" not in params(base, recipe=RECIPES["small"])  # no entry: the embedding runs at --lr
+    given = {**base, "optimizer": {"type": "auto", "params": {"lr": "auto", "embedding_lr": 0.5}}}
+    assert params(given, recipe=tiny)["embedding_lr"] == 0.5
+    assert params(given, recipe=tiny, embedding_lr=0.25)["embedding_lr"] == 0.25
+
+    model = GPT(get_preset("tiny", **SMALL_MODEL, tie_embeddings=False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: g for g in param_groups(model, 0.1, embedding_lr=0.03)}
+    assert [names[id(p)] for p in groups["embedding"]["params"]] == ["embed_tokens.weight"]
+    assert groups["embedding"]["lr"] == 0.03 and groups["embedding"]["weight_decay"] == 0.0
+    assert "lm_head.weight" in {names[id(p)] for p in groups["decay"]["params"]}  # the untied head: --lr
+    assert not any("lr" in g for n, g in groups.items() if n != "embedding")
+    assert "lr" not in {g["name"]: g for g in param_groups(model, 0.1)}["embedding"]
+
+
+def test_muon_newton_schulz_method_is_picked_by_device(monkeypatch):
+    base = {**load_ds_config(ZERO2), "bf16": {"enabled": False}}  # "auto" would query the (absent) GPU
+    method = lambda cfg=base: resolve_ds_config(cfg, dp=1, micro_batch_size=2, optimizer="muon")[
+        "optimizer"]["params"]["ns_method"]
+    assert method() == "standard"  # CPU: bf16 quintic iterations, faster than gram's fp32 fallback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert method() == "gram"  # DeepSpeed's default, fp16 on GPUs
+    assert method({**base, "optimizer": {"type": "Muon", "params": {"ns_method": "standard"}}}) == "standard"
 
 
 def test_muon_keeps_zero_and_bad_combinations_are_one_line_errors():
@@ -202,7 +240,11 @@ def _muon_step_worker(rank: int, world: int, moe: bool) -> dict:
     model.zero_grad(set_to_none=True)
 
     muon_lr = 0.02  # the shipped config's clip ("auto"), which must leave Muon's step whole
-    cfg = resolve_ds_config(load_ds_config(ZERO2), dims.dp, micro_batch_size=2, optimizer="muon", lr=1e-3,
+    # fp32 Newton-Schulz ("gram" on a CPU), so the comparison can be exact: bf16 iterations ("standard", the CPU
+    # default) amplify the last-bit differences of ZeRO's reduced gradients in poorly conditioned expert matrices
+    gram = load_ds_config(ZERO2)
+    gram["optimizer"]["params"]["ns_method"] = "gram"
+    cfg = resolve_ds_config(gram, dims.dp, micro_batch_size=2, optimizer="muon", lr=1e-3,
                             muon_lr=muon_lr, weight_decay=0.0, warmup_iters=0, train_iters=10)
     engine = build_engine(model, cfg, dims)
     calls = []

@@ -65,8 +65,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    help="RMSNorm on each head's queries and keys before RoPE (Qwen3; exports as Qwen3 classes); "
                         "default: the preset's (on for tiny), --no-qk-norm for plain Llama/Mixtral attention")
     g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="share the input embedding with the output head (default: the preset's, on for all); "
-                        "--no-tie-embeddings trains a separate lm_head (exports with tie_word_embeddings false)")
+                   help="share the input embedding with the output head (default: the preset's: off for tiny, "
+                        "on for the others); --no-tie-embeddings trains a separate lm_head (exports with "
+                        "tie_word_embeddings false)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer directory; vocab_size is padded from its length"
                    + (" (default: PRETRAINED/tokenizer)" if sft else " (required unless --load)"))
@@ -109,6 +110,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--muon-lr", type=float, default=None,
                    help="peak learning rate of Muon's matrices (optimizer.params.muon_lr; --optimizer muon only; "
                         f"recipe: {RECIPES['tiny'].muon_lr} for tiny, else {FALLBACK.muon_lr})")
+    g.add_argument("--embedding-lr", type=float, default=None,
+                   help="peak learning rate of the input embedding (AdamW; with a tied head, of the head too); "
+                        "it follows the same schedule (optimizer.params.embedding_lr; recipe: "
+                        f"{RECIPES['tiny'].embedding_lr} for tiny and tiny-moe, else --lr)")
     g.add_argument("--min-lr", type=float, default=None,
                    help="floor of the decay (recipe: 0.1 x lr); Muon's matrices decay to the same fraction of "
                         "--muon-lr")
@@ -191,8 +196,8 @@ def check_args(a) -> None:
     if min(a.save_interval, a.eval_interval, a.eval_iters, a.exit_interval, a.max_bad_steps) < 0:
         raise UserError("--save-interval, --eval-interval, --eval-iters, --exit-interval and --max-bad-steps "
                         "must be >= 0")
-    if any(v is not None and v < 0 for v in (a.lr, a.min_lr, a.muon_lr, a.warmup_iters)):
-        raise UserError("--lr, --muon-lr, --min-lr and --warmup-iters must be >= 0")
+    if any(v is not None and v < 0 for v in (a.lr, a.min_lr, a.muon_lr, a.embedding_lr, a.warmup_iters)):
+        raise UserError("--lr, --muon-lr, --embedding-lr, --min-lr and --warmup-iters must be >= 0")
     if a.load and not os.path.isdir(a.load):
         raise UserError(f"--load {a.load}: checkpoint folder does not exist")
 
@@ -259,7 +264,7 @@ def plan_parallel(a, config: ModelConfig, raw_ds_config: dict) -> tuple[Parallel
         global_batch_size=a.global_batch_size, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup_iters=a.warmup_iters, train_iters=a.train_iters, optimizer=a.optimizer,
         muon_lr=a.muon_lr, lr_decay_style=a.lr_decay_style, wsd_decay_frac=a.lr_wsd_decay_frac,
-        adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2,
+        adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, embedding_lr=a.embedding_lr,
         recipe=recipe_for(a.model, sft=bool(getattr(a, "pretrained", None))))
     if a.load:  # a layout other than the saving run's is resharded on load (None: DeepSpeed's exact load)
         a.reshard = resume_plan(a.load, config, dims.dp, dims.tp, dims.ep, ds_config)

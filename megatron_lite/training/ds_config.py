@@ -16,6 +16,7 @@ from megatron_lite.training.recipe import DECAY_STYLES, FALLBACK, OPTIMIZERS, Re
 OPTIMIZER_TYPES = {"adam": "AdamW", "adamw": "AdamW", "muon": "Muon"}
 SCHEDULER_TYPES = {"cosine": "WarmupCosineLR", "wsd": "WarmupStableDecayLR"}
 MUON_ONLY_PARAMS = ("muon_lr", "adam_lr", "momentum", "ns_method")
+EMBEDDING_LR = "embedding_lr"  # ours, in optimizer.params: the input embedding's peak lr (training.engine.param_groups)
 
 
 def load_ds_config(path: str) -> dict:
@@ -34,12 +35,14 @@ def load_ds_config(path: str) -> dict:
 def resolve_ds_config(cfg: dict, dp: int, *, micro_batch_size=None, grad_accum=None, global_batch_size=None,
                       lr=None, min_lr=None, weight_decay=None, grad_clip=None, warmup_iters=None,
                       train_iters: int = 1, optimizer=None, muon_lr=None, lr_decay_style=None,
-                      wsd_decay_frac=None, adam_beta1=None, adam_beta2=None, recipe: Recipe = FALLBACK) -> dict:
+                      wsd_decay_frac=None, adam_beta1=None, adam_beta2=None, embedding_lr=None,
+                      recipe: Recipe = FALLBACK) -> dict:
     """Apply command-line overrides (a flag beats the JSON; a JSON value of "auto", or none, takes the
     preset's `recipe`) and settle everything DeepSpeed cannot decide itself. Returns a new dict."""
     cfg = copy.deepcopy(cfg)
     _settle_batch(cfg, dp, micro_batch_size, grad_accum, global_batch_size)
-    _settle_optimizer(cfg, recipe, optimizer, lr, muon_lr, weight_decay, grad_clip, (adam_beta1, adam_beta2))
+    _settle_optimizer(cfg, recipe, optimizer, lr, muon_lr, weight_decay, grad_clip, (adam_beta1, adam_beta2),
+                      embedding_lr)
     _settle_schedule(cfg, recipe, train_iters, warmup_iters, min_lr, lr_decay_style, wsd_decay_frac)
     _settle_precision(cfg)
     cfg.setdefault("steps_per_print", 10**9)  # our monitor prints; DeepSpeed's own progress lines are noise
@@ -94,7 +97,8 @@ def _pick(flag, d: dict, key: str, default):
     return default if v is None else v
 
 
-def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_decay, grad_clip, betas) -> None:
+def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_decay, grad_clip, betas,
+                      embedding_lr=None) -> None:
     opt = cfg.setdefault("optimizer", {})
     name = str(_pick(optimizer, opt, "type", recipe.optimizer)).lower()
     if name not in OPTIMIZER_TYPES:
@@ -105,9 +109,19 @@ def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_
     params["lr"] = float(_pick(lr, params, "lr", recipe.lr))
     params["weight_decay"] = float(_pick(weight_decay, params, "weight_decay", recipe.weight_decay))
     params["betas"] = _settle_betas(params, recipe, betas)
+    emb_lr = _pick(embedding_lr, params, EMBEDDING_LR, recipe.embedding_lr)
+    if emb_lr is None:
+        params.pop(EMBEDDING_LR, None)
+    else:
+        params[EMBEDDING_LR] = float(emb_lr)
     if opt["type"] == "Muon":
         # DeepSpeed's Muon reads `muon_lr` for its matrices and `lr` for its AdamW side
         params["muon_lr"] = float(_pick(muon_lr, params, "muon_lr", recipe.muon_lr))
+        # Newton-Schulz: DeepSpeed's default "gram" iterates in fp16, which CPUs lack, so it falls back to fp32
+        # there, where the plain quintic iteration in bf16 ("standard") is the faster one (benchmarks/results.md,
+        # "Muon's Newton-Schulz on CPU")
+        if params.get("ns_method", "auto") == "auto":
+            params["ns_method"] = "gram" if torch.cuda.is_available() else "standard"
         if uses_optimizer_offload(cfg):
             raise UserError("Muon with ZeRO optimizer offload is not supported; use --optimizer adamw or a "
                             "ds_config without offload_optimizer (e.g. ds_configs/zero2.json)")

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.parallel import ParallelDims
-from megatron_lite.training.ds_config import lr_settings, uses_optimizer_offload
+from megatron_lite.training.ds_config import EMBEDDING_LR, lr_settings, uses_optimizer_offload
 from megatron_lite.training.schedule import build_scheduler
 
 
@@ -47,21 +47,27 @@ def tag_muon_params(model: torch.nn.Module) -> None:
         p.use_muon = id(p) in hidden
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, split_moe: bool = True) -> list[dict]:
-    """AdamW groups: decay matrices only — norms, biases and embeddings (the tied head included) keep their
-    scale (as in Megatron/nanoGPT). Expert parameters then go to DeepSpeed-MoE's own groups, which ZeRO
-    reduces over the expert-data-parallel group instead of the whole data-parallel group (split_moe=False
-    leaves that to the caller: Muon splits its halves first)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, split_moe: bool = True,
+                 embedding_lr: float | None = None) -> list[dict]:
+    """AdamW groups: decay matrices only — norms, biases and the input embedding (with a tied head, the head
+    too) keep their scale (as in Megatron/nanoGPT). The input embedding is a group of its own, at
+    `embedding_lr` when given (else the optimizer's lr): a token's row gets a gradient only when the token
+    occurs, so it learns at a much higher rate than the matrices do, as in the speedrun recipes. Expert
+    parameters then go to DeepSpeed-MoE's own groups, which ZeRO reduces over the expert-data-parallel group
+    instead of the whole data-parallel group (split_moe=False leaves that to the caller: Muon splits its
+    halves first)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
+    decay, no_decay, embedding = [], [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        (embedding if id(p) in embeddings else decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+              {"name": "embedding", "params": embedding, "weight_decay": 0.0,
+               **({"lr": embedding_lr} if embedding_lr is not None else {})}]
     groups = [g for g in groups if g["params"]]
     if split_moe and any(getattr(p, "allreduce", True) is False for p in model.parameters()):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
@@ -173,7 +179,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict, dims: ParallelDims, tr
     if train:
         opt = cfg["optimizer"]["params"]
         muon = cfg["optimizer"]["type"] == "Muon"
-        kwargs["model_parameters"] = param_groups(model, float(opt.get("weight_decay", 0.0)), split_moe=not muon)
+        embedding_lr = opt.pop(EMBEDDING_LR, None)  # ours: DeepSpeed's optimizers take no such key
+        kwargs["model_parameters"] = param_groups(model, float(opt.get("weight_decay", 0.0)), split_moe=not muon,
+                                                  embedding_lr=embedding_lr)
         if muon:  # always under ZeRO (ds_config._settle_zero), whose wrapper clips and keeps the norm
             tag_muon_params(model)
             cfg.pop("optimizer")

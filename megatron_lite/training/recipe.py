@@ -22,6 +22,7 @@ DECAY_STYLES = ("cosine", "wsd")
 class Recipe:
     optimizer: str = "adamw"
     lr: float = 1e-3  # AdamW's peak lr; with Muon the lr of its AdamW side (embeddings, norms, router, head)
+    embedding_lr: float | None = None  # the input embedding's peak lr (AdamW); None: `lr`
     muon_lr: float = 0.02  # peak lr of Muon's matrices (units of spectral norm per step)
     min_lr_ratio: float = 0.1  # the decay's floor, as a fraction of the peak
     warmup_frac: float = 0.0  # linear warmup over this fraction of --train-iters (at least 1 step when > 0)
@@ -43,8 +44,8 @@ class Recipe:
 FALLBACK = Recipe()
 
 # tiny and tiny-moe share one recipe (Muon on the experts' matrices too, the router on AdamW).
-_TINY = Recipe(optimizer="muon", muon_lr=0.005, lr=2e-3, warmup_frac=0.05, decay_style="wsd", min_lr_ratio=0.0,
-               zero_init_output=True, adam_beta2=0.99)
+_TINY = Recipe(optimizer="muon", muon_lr=0.005, lr=2e-3, embedding_lr=0.03, warmup_frac=0.05, decay_style="wsd",
+               min_lr_ratio=0.0, zero_init_output=True, adam_beta2=0.99)
 
 RECIPES: dict[str, Recipe] = {
     "tiny": _TINY,
