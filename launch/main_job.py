@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
     p.add_argument("--micro-batch-size", type=int, default=4,
                    help="pretraining samples per rank per step (default: 4, a global batch of 8 x 256 tokens)")
-    p.add_argument("--pretrain-iters", type=int, default=320,
-                   help="pretraining optimizer steps (default: 320, about 4 minutes on 2 cores; more steps score better, "
+    p.add_argument("--pretrain-iters", type=int, default=280,
+                   help="pretraining optimizer steps (default: 280, about 4 minutes on 2 cores; more steps score better, "
                         "at ~0.7 s each: benchmarks/results.md)")
     p.add_argument("--sft-iters", type=int, default=60,
                    help="SFT optimizer steps (default: 60, about a minute; more steps lower the SFT validation loss, "

@@ -21,7 +21,8 @@ python tools/preprocess_data.py --input "$W/corpus/sft_train.jsonl" --output-pre
 # lr or schedule flags: `--model tiny` brings its tuned recipe (megatron_lite/training/recipe.py).
 deepspeed --num_gpus "$N" --master_port "$PORT" launch/pretrain.py --deepspeed ds_configs/zero2.json --model tiny \
     --tokenizer "$W/tokenizer" --data-path "$W/pretrain_text_document" --split 969,30,1 \
-    --seq-length 256 --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" --save "$W/ckpt" --save-interval 100 --eval-interval 50 --eval-iters 2 --log-interval 10
+    --seq-length 256 --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" --save "$W/ckpt" \
+    --save-interval 100 --eval-interval 50 --eval-iters 2 --log-interval 10
 # Resuming is the same command plus --load (after raising --train-iters, or after a crash):
 #   deepspeed ... launch/pretrain.py ... --load "$W/ckpt"
 

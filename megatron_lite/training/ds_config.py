@@ -119,7 +119,7 @@ def _settle_optimizer(cfg: dict, recipe: Recipe, optimizer, lr, muon_lr, weight_
         params["muon_lr"] = float(_pick(muon_lr, params, "muon_lr", recipe.muon_lr))
         # Newton-Schulz: DeepSpeed's default "gram" iterates in fp16, which CPUs lack, so it falls back to fp32
         # there, where the plain quintic iteration in bf16 ("standard") is the faster one (benchmarks/results.md,
-        # "Muon's Newton-Schulz on CPU")
+        # "A fast input embedding ...; Muon's Newton-Schulz on CPU")
         if params.get("ns_method", "auto") == "auto":
             params["ns_method"] = "gram" if torch.cuda.is_available() else "standard"
         if uses_optimizer_offload(cfg):

@@ -52,7 +52,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, split_moe: bool = 
     """AdamW groups: decay matrices only — norms, biases and the input embedding (with a tied head, the head
     too) keep their scale (as in Megatron/nanoGPT). The input embedding is a group of its own, at
     `embedding_lr` when given (else the optimizer's lr): a token's row gets a gradient only when the token
-    occurs, so it learns at a much higher rate than the matrices do, as in the speedrun recipes. Expert
+    occurs, so an untied input embedding takes a much higher rate than the matrices (as in the speedrun
+    recipes). Expert
     parameters then go to DeepSpeed-MoE's own groups, which ZeRO reduces over the expert-data-parallel group
     instead of the whole data-parallel group (split_moe=False leaves that to the caller: Muon splits its
     halves first)."""
