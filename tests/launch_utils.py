@@ -59,6 +59,13 @@ def copy_at(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
+def zero2_with(**optimizer_params) -> dict:
+    """The shipped ds_configs/zero2.json with these optimizer.params set."""
+    cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    cfg["optimizer"]["params"].update(optimizer_params)
+    return cfg
+
+
 def metrics(ckpt) -> list[dict]:
     path = Path(ckpt) / "metrics.jsonl"
     return [json.loads(line) for line in open(path)] if path.exists() else []

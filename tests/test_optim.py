@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_utils import run_distributed  # noqa: E402
-from launch_utils import SMALL, build_data, losses, run  # noqa: E402
+from launch_utils import SMALL, build_data, losses, run, zero2_with  # noqa: E402
 
 from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.training.ds_config import load_ds_config, lr_settings, resolve_ds_config  # noqa: E402
@@ -242,9 +242,7 @@ def _muon_step_worker(rank: int, world: int, moe: bool) -> dict:
     muon_lr = 0.02  # the shipped config's clip ("auto"), which must leave Muon's step whole
     # fp32 Newton-Schulz ("gram" on a CPU), so the comparison can be exact: bf16 iterations ("standard", the CPU
     # default) amplify the last-bit differences of ZeRO's reduced gradients in poorly conditioned expert matrices
-    gram = load_ds_config(ZERO2)
-    gram["optimizer"]["params"]["ns_method"] = "gram"
-    cfg = resolve_ds_config(gram, dims.dp, micro_batch_size=2, optimizer="muon", lr=1e-3,
+    cfg = resolve_ds_config(zero2_with(ns_method="gram"), dims.dp, micro_batch_size=2, optimizer="muon", lr=1e-3,
                             muon_lr=muon_lr, weight_decay=0.0, warmup_iters=0, train_iters=10)
     engine = build_engine(model, cfg, dims)
     calls = []

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import launch_utils
-from launch_utils import REPO, SMALL, copy_at, losses, pretrain_args
+from launch_utils import REPO, SMALL, copy_at, losses, pretrain_args, zero2_with
 from launch_utils import env as _env
 from megatron_lite.checkpoint.universal import convert_to_fp32, convert_to_universal, read_training_state
 from megatron_lite.config import ModelConfig
@@ -228,9 +228,7 @@ def test_moe_ep2_to_ep1_to_ep2_at_dp2_to_one_rank_and_fp32_export(data, tmp_path
     rank. Muon (tiny-moe's recipe) keeps ZeRO at dp 1, so the one-rank, no-ZeRO layout below is AdamW's. Muon runs
     its fp32 Newton-Schulz ("gram"): the CPU default's bf16 iterations would amplify the last-bit differences that
     another expert layout's gradient reduction order makes (~4e-5 of the loss) past this test's exactness."""
-    ds_config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    ds_config["optimizer"]["params"]["ns_method"] = "gram"
-    (tmp_path / "zero2.json").write_text(json.dumps(ds_config))
+    (tmp_path / "zero2.json").write_text(json.dumps(zero2_with(ns_method="gram")))
 
     def args(save, ep, *extra):
         return ["--model", "tiny-moe", *SMALL, "--num-experts", 4, "--topk", 2, "--ep", ep, "--tokenizer",

@@ -6,9 +6,9 @@ Precedence, most specific first: a command-line flag, then an explicit value in 
 table (the shipped ds_configs leave these entries "auto"). The tiny and tiny-moe values are measured
 (benchmarks/results.md, "Training recipe at the main job's full budget", "Batch size, lr and zero-init",
 "Adam beta2", "Muon, unclipped", "A 0.6x main job" and "A fast input embedding"; tiny's lrs at the main
-job's budget, which benchmarks/time_to_quality.py defaults to); the larger presets' follow the usual scaling (a lower peak lr for
-wider models, and always a warmup: a wide model at a small model's lr with no warmup diverges in its first steps)
-and keep AdamW and cosine until measured.
+job's budget, which benchmarks/time_to_quality.py defaults to); the larger presets' follow the usual scaling (a
+lower peak lr for wider models, and always a warmup: a wide model at a small model's lr with no warmup diverges
+in its first steps) and keep AdamW and cosine until measured.
 """
 from __future__ import annotations
 
