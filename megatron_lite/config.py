@@ -97,6 +97,13 @@ class ModelConfig:
         emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return emb + self.num_layers * per_layer + h  # final norm
 
+    def muon_params(self) -> int:
+        """Parameters Muon trains (training.engine.tag_muon_params): the layers' weight matrices, attention
+        q/k/v/o and every FFN or expert matrix; not the router, norms, biases, embedding or head."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        ffn = (3 if self.ffn_type == "swiglu" else 2) * h * f * max(1, self.num_experts)
+        return self.num_layers * (h * h * 2 + h * self.num_kv_heads * self.head_dim * 2 + ffn)
+
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -208,6 +208,10 @@ def test_use_muon_on_hidden_matrices_only():
     assert {n.split(".")[-2] for n in on} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}, on
     assert sum("deepspeed_experts" in n for n in on) == 2 * 2 * 3  # layers x experts x (gate, up, down)
+    assert sum(p.numel() for p in model.parameters() if p.use_muon) == model.config.muon_params()
+    dense = GPT(get_preset("tiny", **SMALL_MODEL, ffn_type="mlp", attention_bias=True))
+    tag_muon_params(dense)
+    assert sum(p.numel() for p in dense.parameters() if p.use_muon) == dense.config.muon_params()
 
 
 # ------------------------------------------------------------------------------------------ Muon in the engine

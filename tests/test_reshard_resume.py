@@ -20,6 +20,8 @@ import torch
 import launch_utils
 from launch_utils import REPO, SMALL, copy_at, losses, pretrain_args, zero2_with
 from launch_utils import env as _env
+from megatron_lite.checkpoint.layout import tree_bytes
+from megatron_lite.checkpoint.save import checkpoint_bytes
 from megatron_lite.checkpoint.universal import convert_to_fp32, convert_to_universal, read_training_state
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
@@ -293,6 +295,10 @@ def test_muon_dp1_to_dp2_and_universal_copy(data, tmp_path):
     assert sorted(state.moments) == ["exp_avg", "exp_avg_sq", "momentum_buffer"]
     assert "layers.0.self_attn.q_proj.weight" in state.moments["momentum_buffer"]  # a matrix: Muon's
     assert "layers.0.input_layernorm.weight" in state.moments["exp_avg"]  # a norm: the AdamW side's
+    # The --save pre-flight's estimate counts Muon's single moment: it bounds the real size closely.
+    size = tree_bytes(two / "global_step8")
+    assert size <= checkpoint_bytes(ModelConfig.load(two), json.loads((two / "ds_config.json").read_text())) \
+        <= 1.1 * size + 2 ** 18
 
     # Its universal copy holds the same state, Muon's momentum included.
     uni = tmp_path / "universal"

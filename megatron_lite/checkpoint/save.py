@@ -30,6 +30,7 @@ from megatron_lite.checkpoint.layout import (EXPERT_KEY, LATEST, TMP_PREFIX, ato
                                              model_states_file, step_tag, tree_bytes)
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
+from megatron_lite.training.ds_config import uses_muon
 
 
 def _is_rank0() -> bool:
@@ -93,13 +94,17 @@ _OVERHEAD_FRACTION, _OVERHEAD_BYTES = 0.05, 256 * 1024
 
 def checkpoint_bytes(config: ModelConfig, ds_config: dict) -> int:
     """Estimated size of one training checkpoint, every rank's files together: the weights in their training
-    dtype, AdamW's two fp32 moments, and an fp32 master copy of the weights under ZeRO or bf16/fp16. ZeRO
-    shards the optimizer state over the data-parallel ranks (one file each) without changing its total, so a
-    --save folder that all ranks share needs this much at any world size."""
+    dtype, the fp32 moments (AdamW's two; Muon's one for the matrices it trains), and an fp32 master copy of
+    the weights under ZeRO or bf16/fp16. ZeRO shards the optimizer state over the data-parallel ranks (one
+    file each) without changing its total, so a --save folder that all ranks share needs this much at any
+    world size."""
     half = any((ds_config.get(k) or {}).get("enabled") is True for k in ("bf16", "fp16"))
     zero = (ds_config.get("zero_optimization") or {}).get("stage", 0) > 0
-    per_param = (2 if half else 4) + 8 + (4 if zero or half else 0)
-    return int(config.num_params() * per_param * (1 + _OVERHEAD_FRACTION)) + _OVERHEAD_BYTES
+    n = config.num_params()
+    muon = uses_muon(ds_config)
+    moments = 8 * n - (4 * config.muon_params() if muon else 0)
+    total = n * ((2 if half else 4) + (4 if zero or half else 0)) + moments
+    return int(total * (1 + _OVERHEAD_FRACTION)) + _OVERHEAD_BYTES
 
 
 def _last_checkpoint_bytes(root: Path) -> int | None:

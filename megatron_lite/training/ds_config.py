@@ -244,3 +244,7 @@ def wandb_settings(cfg: dict) -> dict:
 def uses_optimizer_offload(cfg: dict) -> bool:
     off = (cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}
     return off.get("device", "none") not in ("none", None)
+
+
+def uses_muon(cfg: dict) -> bool:
+    return str((cfg.get("optimizer") or {}).get("type", "")).lower() == "muon"

@@ -20,6 +20,7 @@ import os
 from megatron_lite.checkpoint.layout import fmt_bytes
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
+from megatron_lite.training.ds_config import uses_muon
 from megatron_lite.parallel import ParallelDims
 
 
@@ -43,7 +44,7 @@ def model_state_bytes(config: ModelConfig, dims: ParallelDims, ds_config: dict, 
     half = any((ds_config.get(k) or {}).get("enabled") is True for k in ("bf16", "fp16"))
     if frozen_base:
         return int((2 if half else 4) * local)
-    muon = str((ds_config.get("optimizer") or {}).get("type", "")).lower() == "muon"
+    muon = uses_muon(ds_config)
     per_partition = 4 + (4 if muon else 8) + 4  # master copy, moments, gradient (fp32)
     if half:
         return int(2 * local + 2 * local + per_partition * partition)
