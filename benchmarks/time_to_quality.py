@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to quality: held-out loss of training recipes on the same token budget, against a plain PyTorch baseline.
 
-    python benchmarks/time_to_quality.py                      # the main job's budget: 280 x 8 x 256 tokens
+    python benchmarks/time_to_quality.py                      # the main job's budget: 540 x 8 x 256 tokens
     python benchmarks/time_to_quality.py --quick              # 30 steps on 1 MB: a few minutes
     python benchmarks/time_to_quality.py --extra wsd="--warmup-iters 13 --min-lr 0" --recipes ours-default
 
@@ -10,8 +10,8 @@
 2. Each recipe trains in its own subprocess on the same samples in the same order:
      ours-default       launch/pretrain.py --model tiny with no lr/warmup flags: what users get
      ours-previous      the recipe before 2026-12-04: --lr 2e-3 --warmup-iters iters/20, cosine to 0.1 x lr,
-                        AdamW, no QK-norm, no zero-initialised output projections, Adam beta2 0.95, a tied head
-                        (its parameter count is tiny's less the output head)
+                        AdamW, no QK-norm, no zero-initialised output projections, Adam beta2 0.95, a tied head,
+                        and tiny's shape of then (5 layers x 256 wide; 5.08 M parameters)
      baseline-hf-llama  stock transformers LlamaForCausalLM of tiny's shapes (our converter's config: its own
                         output head, so the parameter count of ours-default less the QK-norm weights), torch
                         AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), linear warmup then cosine to 10%,
@@ -54,7 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PROG = "benchmarks/time_to_quality.py"
 BASELINE = "baseline-hf-llama"
 BUILTIN = ("ours-default", "ours-previous", BASELINE)
-MAIN_JOB_ITERS = 280  # launch/main_job.py's --pretrain-iters: the budget the recipe is measured at
+MAIN_JOB_ITERS = 540  # launch/main_job.py's --pretrain-iters: the budget the recipe is measured at
+# tiny's shape before 2026-12-08 (5 x 256 wide), which ours-previous keeps
+PREVIOUS_SHAPE = ["--num-layers", "5", "--hidden-size", "256", "--num-heads", "8", "--num-kv-heads", "4",
+                  "--ffn-hidden-size", "640"]
 
 
 def parse_args(argv=None):
@@ -104,7 +107,7 @@ def recipes(a) -> dict[str, list[str] | None]:
                                                    "--lr-decay-style", "cosine", "--min-lr", "2e-4", "--no-qk-norm",
                                                    "--no-zero-init-output", "--adam-beta2", "0.95",
                                                    "--optimizer", "adamw", "--tie-embeddings", "--embedding-lr",
-                                                   "2e-3"],
+                                                   "2e-3", *PREVIOUS_SHAPE],
              BASELINE: None}
     for spec in a.extra:
         name, sep, flags = spec.partition("=")

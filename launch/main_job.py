@@ -52,12 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
     p.add_argument("--micro-batch-size", type=int, default=4,
                    help="pretraining samples per rank per step (default: 4, a global batch of 8 x 256 tokens)")
-    p.add_argument("--pretrain-iters", type=int, default=280,
-                   help="pretraining optimizer steps (default: 280, about 4 minutes on 2 cores; more steps score better, "
-                        "at ~0.7 s each: benchmarks/results.md)")
-    p.add_argument("--sft-iters", type=int, default=60,
-                   help="SFT optimizer steps (default: 60, about a minute; more steps lower the SFT validation loss, "
-                        "at ~0.9 s each: 250 reach ~2.1 where 60 reach ~2.5, benchmarks/results.md)")
+    p.add_argument("--pretrain-iters", type=int, default=540,
+                   help="pretraining optimizer steps (default: 540, about 4 minutes on 2 cores; more steps score better, "
+                        "at ~0.4 s each: benchmarks/results.md)")
+    p.add_argument("--sft-iters", type=int, default=100,
+                   help="SFT optimizer steps (default: 100, about a minute; more steps lower the SFT validation loss, "
+                        "at ~0.5 s each: benchmarks/results.md)")
     p.add_argument("--sft-seq-length", type=int, default=96,
                    help="tokens per SFT sample; the embedded conversations average ~32 tokens (default: 96)")
     p.add_argument("--sft-micro-batch-size", type=int, default=16, help="SFT samples per rank per step (default: 16)")

@@ -140,11 +140,12 @@ def pad_vocab_size(n: int, multiple: int = 64) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-# Named presets. Parameter counts: tiny ~6.7M and tiny-moe ~8.8M total (each with its own output head), small ~25M,
-# mini-llm ~171M, mini-moe ~876M total (tied embeddings).
+# Named presets. Parameter counts: tiny ~3.6M and tiny-moe ~8.8M total (each with its own output head), small ~25M,
+# mini-llm ~171M, mini-moe ~876M total (tied embeddings). tiny is shallow and narrow because on the main job's
+# minutes of CPU more steps of a smaller model beat fewer of a larger one (benchmarks/results.md).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=6400, num_layers=5, hidden_size=256, num_heads=8, num_kv_heads=4,
-                 ffn_hidden_size=640, max_seq_len=512, qk_norm=True, tie_embeddings=False),
+    "tiny": dict(vocab_size=6400, num_layers=3, hidden_size=192, num_heads=6, num_kv_heads=2,
+                 ffn_hidden_size=512, max_seq_len=512, qk_norm=True, tie_embeddings=False),
     "tiny-moe": dict(vocab_size=6400, num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4,
                      ffn_hidden_size=384, max_seq_len=512, num_experts=4, topk=2, tie_embeddings=False),
     "small": dict(vocab_size=8192, num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=4,
