@@ -101,8 +101,7 @@ def checkpoint_bytes(config: ModelConfig, ds_config: dict) -> int:
     half = any((ds_config.get(k) or {}).get("enabled") is True for k in ("bf16", "fp16"))
     zero = (ds_config.get("zero_optimization") or {}).get("stage", 0) > 0
     n = config.num_params()
-    muon = uses_muon(ds_config)
-    moments = 8 * n - (4 * config.muon_params() if muon else 0)
+    moments = 8 * n - (4 * config.muon_params() if uses_muon(ds_config) else 0)
     total = n * ((2 if half else 4) + (4 if zero or half else 0)) + moments
     return int(total * (1 + _OVERHEAD_FRACTION)) + _OVERHEAD_BYTES
 

@@ -20,8 +20,8 @@ import os
 from megatron_lite.checkpoint.layout import fmt_bytes
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
-from megatron_lite.training.ds_config import uses_muon
 from megatron_lite.parallel import ParallelDims
+from megatron_lite.training.ds_config import uses_muon
 
 
 def expert_params(config: ModelConfig) -> int:
