@@ -31,6 +31,8 @@ from megatron_lite.training.monitor import read_metrics, training_clock  # noqa:
 # trains fastest on CPU as DENSE_NPROC single-threaded ranks (benchmarks/main_job_throughput.py).
 RECIPE_RANKS = 2
 DENSE_NPROC = 2
+# (pretraining, SFT) steps per model: about the same minutes, as tiny (3 x 192) steps cost half of tiny-moe's (4 x 256)
+ITERS = {"tiny": (540, 100), "tiny-moe": (280, 60)}
 SAMPLE_QUESTIONS = ["What is 12 + 30?", "What does `json.dumps` do?", "Compute 7 * 8."]
 
 
@@ -52,12 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=256, help="tokens per training sample (default: 256)")
     p.add_argument("--micro-batch-size", type=int, default=4,
                    help="pretraining samples per rank per step (default: 4, a global batch of 8 x 256 tokens)")
-    p.add_argument("--pretrain-iters", type=int, default=540,
-                   help="pretraining optimizer steps (default: 540, about 4 minutes on 2 cores; more steps score better, "
-                        "at ~0.4 s each: benchmarks/results.md)")
-    p.add_argument("--sft-iters", type=int, default=100,
-                   help="SFT optimizer steps (default: 100, about a minute; more steps lower the SFT validation loss, "
-                        "at ~0.5 s each: benchmarks/results.md)")
+    p.add_argument("--pretrain-iters", type=int, default=None,
+                   help="pretraining optimizer steps (default: 540, with --moe 280: about 4 minutes on 2 cores; more "
+                        "steps score better, at ~0.4 s each, with --moe ~0.8 s: benchmarks/results.md)")
+    p.add_argument("--sft-iters", type=int, default=None,
+                   help="SFT optimizer steps (default: 100, with --moe 60: about a minute; more steps lower the SFT "
+                        "validation loss, at ~0.5 s each, with --moe ~1 s: benchmarks/results.md)")
     p.add_argument("--sft-seq-length", type=int, default=96,
                    help="tokens per SFT sample; the embedded conversations average ~32 tokens (default: 96)")
     p.add_argument("--sft-micro-batch-size", type=int, default=16, help="SFT samples per rank per step (default: 16)")
@@ -73,6 +75,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.nproc is None:
         a.nproc = RECIPE_RANKS if a.moe else DENSE_NPROC
+    pretrain_iters, sft_iters = ITERS["tiny-moe" if a.moe else "tiny"]
+    a.pretrain_iters = pretrain_iters if a.pretrain_iters is None else a.pretrain_iters
+    a.sft_iters = sft_iters if a.sft_iters is None else a.sft_iters
     if a.nproc < 1 or a.moe and a.nproc % 2:
         raise UserError(f"--nproc must be >= 1{' and even (expert parallel 2)' if a.moe else ''}, got {a.nproc}")
     return a

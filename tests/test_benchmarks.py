@@ -149,6 +149,10 @@ def test_time_to_quality_defaults_to_the_main_jobs_budget():
         spec.loader.exec_module(module)
         return module
 
-    ttq, job = load("benchmarks/time_to_quality.py").parse_args([]), load("launch/main_job.py").parse_args([])
+    main_job = load("launch/main_job.py")
+    ttq, job = load("benchmarks/time_to_quality.py").parse_args([]), main_job.parse_args([])
     assert ttq.iters == job.pretrain_iters
+    # --moe has budgets of its own (its steps cost more); a flag still wins
+    moe = main_job.parse_args(["--moe", "--sft-iters", "7"])
+    assert (moe.pretrain_iters, moe.sft_iters) == (main_job.ITERS["tiny-moe"][0], 7) != (job.pretrain_iters, 7)
     assert ttq.global_batch_size == job.micro_batch_size * job.nproc and ttq.seq_length == job.seq_length
